@@ -1,0 +1,367 @@
+"""Load job files: YAML with line marks, `extends:` fragments, `--set` overrides and `${env:X}` values.
+
+Every problem comes back as a `Problem` that points at FILE:LINE:COL and names the dotted field path,
+so `runner validate` can print one line per problem and never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from runner.spec import models
+
+ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Mark:
+    file: str
+    line: int  # 1-based
+    col: int  # 1-based
+
+
+@dataclass(frozen=True)
+class Problem:
+    mark: Mark
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.mark.file}:{self.mark.line}:{self.mark.col}"
+        return f"{where}: error: {self.path}: {self.message}" if self.path else f"{where}: error: {self.message}"
+
+
+class SpecError(Exception):
+    """One or more problems with a job file; str() is one line per problem."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class Job:
+    """A validated, fully resolved job."""
+
+    spec: BaseModel
+    source: Path
+    secret_paths: set[str] = field(default_factory=set)
+
+    @property
+    def kind(self) -> str:
+        return str(self.spec.kind)  # type: ignore[attr-defined]
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.name)  # type: ignore[attr-defined]
+
+    def data(self) -> dict[str, Any]:
+        return self.spec.model_dump(mode="json")
+
+    @property
+    def spec_hash(self) -> str:
+        return spec_hash(self.data())
+
+
+def spec_hash(data: dict[str, Any]) -> str:
+    """Hash of what a job computes: stable across key order, comments and free-text fields."""
+    d = {k: v for k, v in data.items() if k not in ("description", "tags")}
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- YAML with marks -----------------------------------------------------------------------------------
+
+
+def _plain(node: Any, file: str, path: Path_, marks: dict[Path_, Mark]) -> Any:
+    """CommentedMap/Seq -> dict/list, recording a mark for every key and item."""
+    if isinstance(node, CommentedMap):
+        out = {}
+        for k in node:
+            try:
+                line, col = node.lc.key(k)
+            except (KeyError, TypeError):
+                line, col = node.lc.line, node.lc.col
+            marks[(*path, str(k))] = Mark(file, line + 1, col + 1)
+            out[str(k)] = _plain(node[k], file, (*path, str(k)), marks)
+        return out
+    if isinstance(node, CommentedSeq):
+        out_l = []
+        for i, v in enumerate(node):
+            try:
+                line, col = node.lc.item(i)
+            except (KeyError, TypeError, IndexError):
+                line, col = node.lc.line, node.lc.col
+            marks[(*path, i)] = Mark(file, line + 1, col + 1)
+            out_l.append(_plain(v, file, (*path, i), marks))
+        return out_l
+    if node is not None and not isinstance(node, (str, int, float, bool)):
+        return str(node) if not hasattr(node, "isoformat") else node.isoformat()
+    return node
+
+
+def _read_yaml(path: Path, marks: dict[Path_, Mark]) -> dict[str, Any]:
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(Mark(file, 1, 1), "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"cannot read file: {e}")]) from None
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(text)
+    except MarkedYAMLError as e:
+        m = e.problem_mark or e.context_mark
+        line, col = (m.line + 1, m.column + 1) if m else (1, 1)
+        msg = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
+        raise SpecError([Problem(Mark(file, line, col), "", f"invalid YAML: {msg}")]) from None
+    except YAMLError as e:
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"invalid YAML: {e}")]) from None
+    if doc is None:
+        raise SpecError([Problem(Mark(file, 1, 1), "", "the file is empty; a job needs at least `kind` and `name`")])
+    if not isinstance(doc, CommentedMap):
+        raise SpecError([Problem(Mark(file, 1, 1), "", "a job file must be a mapping of keys to values")])
+    marks[()] = Mark(file, 1, 1)
+    return _plain(doc, file, (), marks)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_tree(path: Path, marks: dict[Path_, Mark], stack: tuple[Path, ...]) -> dict[str, Any]:
+    """Read `path` and everything it extends; later files win, the extending file wins over its bases."""
+    own_marks: dict[Path_, Mark] = {}
+    data = _read_yaml(path, own_marks)
+    ext = data.pop("extends", None)
+    merged: dict[str, Any] = {}
+    base_marks: dict[Path_, Mark] = {}
+    if ext is not None:
+        bases = [ext] if isinstance(ext, str) else ext
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise SpecError([Problem(own_marks[("extends",)], "extends", "must be a path or a list of paths")])
+        for i, b in enumerate(bases):
+            mark = own_marks.get(("extends", i), own_marks[("extends",)])
+            target = (path.parent / b).resolve()
+            if not target.exists():
+                hint = f"looked for {target}; paths are relative to {path.parent}"
+                raise SpecError([Problem(mark, "extends", f"file {b!r} not found ({hint})")])
+            if target in stack:
+                chain = " -> ".join(p.name for p in (*stack, target))
+                raise SpecError([Problem(mark, "extends", f"extends cycle: {chain}")])
+            merged = _deep_merge(merged, _load_tree(target, base_marks, (*stack, target)))
+    own_marks.pop(("extends",), None)
+    own_marks = {k: v for k, v in own_marks.items() if not (k and k[0] == "extends")}
+    # A key set by the extending file takes the extending file's mark; lists are replaced whole.
+    for k in list(base_marks):
+        if k in own_marks or any(k[: len(o)] == o and _is_list_path(data, o) for o in own_marks):
+            base_marks.pop(k)
+    marks.update(base_marks)
+    marks.update(own_marks)
+    return _deep_merge(merged, data)
+
+
+def _is_list_path(data: Any, path: Path_) -> bool:
+    node = data
+    for p in path:
+        try:
+            node = node[p]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return isinstance(node, list)
+
+
+# --- overrides and interpolation ---------------------------------------------------------------------
+
+
+def _apply_set(data: dict[str, Any], expr: str, marks: dict[Path_, Mark]) -> None:
+    cli = Mark("--set", 1, 1)
+    if "=" not in expr:
+        raise SpecError([Problem(cli, expr, "expected KEY=VALUE, e.g. --set train.steps=100")])
+    key, raw = expr.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise SpecError([Problem(cli, key, "empty key segment; use dotted keys like train.lr=1e-4")])
+    try:
+        value = YAML(typ="safe").load(raw) if raw.strip() else ""
+    except YAMLError:
+        value = raw
+    node: Any = data
+    for p in parts[:-1]:
+        if isinstance(node, list) and p.isdigit():
+            node = node[int(p)]
+            continue
+        if not isinstance(node.get(p), (dict, list)):
+            node[p] = {}
+        node = node[p]
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    path = tuple(int(p) if p.isdigit() else p for p in parts)
+    for k in [k for k in marks if k[: len(path)] == path]:
+        marks.pop(k)
+    marks[path] = Mark(f"--set {key}", 1, 1)
+
+
+def _interpolate(node: Any, path: Path_, marks: dict[Path_, Mark], problems: list[Problem],
+                 secrets: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, (*path, k), marks, problems, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, (*path, i), marks, problems, secrets) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${env:" in node:
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            val = os.environ.get(name)
+            if val is None:
+                if default is not None:
+                    return default
+                problems.append(Problem(
+                    _mark_for(path, marks), _dotted(path),
+                    f"environment variable {name} is not set; export it or write ${{env:{name}:-default}}",
+                ))
+                return ""
+            return val
+        secrets.add(_dotted(path))
+        return ENV_RE.sub(sub, node)
+    return node
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _mark_for(path: Path_, marks: dict[Path_, Mark]) -> Mark:
+    p = tuple(path)
+    while p:
+        if p in marks:
+            return marks[p]
+        p = p[:-1]
+    return marks.get((), Mark("?", 1, 1))
+
+
+def _model_at(model: type[BaseModel], path: Path_) -> type[BaseModel] | None:
+    """The Pydantic model class that holds the field at `path` (for 'did you mean')."""
+    import typing
+
+    cur: Any = model
+    for p in path:
+        if isinstance(p, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or p not in cur.model_fields:
+            return None
+        ann = cur.model_fields[p].annotation
+        cur = None
+        for cand in [ann, *typing.get_args(ann)]:
+            for c in [cand, *typing.get_args(cand)]:
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    cur = c
+                    break
+            if cur is not None:
+                break
+        if cur is None:
+            return None
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Path_, Mark]) -> list[Problem]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc: Path_ = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        typ = e["type"]
+        if typ == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            msg = f"unknown key {loc[-1]!r}"
+            if owner is not None:
+                msg += _suggest(str(loc[-1]), list(owner.model_fields))
+            out.append(Problem(_mark_for(loc, marks), _dotted(loc), msg))
+        elif typ == "missing":
+            out.append(Problem(_mark_for(loc[:-1], marks), _dotted(loc), "required field is missing"))
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if "input" in e and typ not in ("model_type", "dict_type") and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+            out.append(Problem(_mark_for(loc, marks), _dotted(loc), msg))
+    return out
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), backend: str | None = None) -> Job:
+    """Read, merge, interpolate and validate one job file; raise SpecError with every problem found."""
+    p = Path(path)
+    marks: dict[Path_, Mark] = {}
+    data = _load_tree(p.resolve(), marks, (p.resolve(),))
+    # Show marks with the path as the user wrote it.
+    shown = str(p)
+    for k, m in list(marks.items()):
+        if m.file == str(p.resolve()):
+            marks[k] = Mark(shown, m.line, m.col)
+    marks[()] = Mark(shown, 1, 1)
+    for expr in overrides:
+        _apply_set(data, expr, marks)
+    if backend is not None:
+        data["backend"] = backend
+    problems: list[Problem] = []
+    secrets: set[str] = set()
+    data = _interpolate(data, (), marks, problems, secrets)
+    kind = data.get("kind")
+    if kind is None:
+        problems.append(Problem(marks[()], "kind", f"required field is missing; one of: {', '.join(models.JOB_MODELS)}"))
+        raise SpecError(problems)
+    if kind not in models.JOB_MODELS:
+        close = difflib.get_close_matches(str(kind), list(models.JOB_MODELS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(models.JOB_MODELS)}"
+        problems.append(Problem(_mark_for(("kind",), marks), "kind", f"unknown kind {kind!r}; {hint}"))
+        raise SpecError(problems)
+    model = models.JOB_MODELS[kind]
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as e:
+        problems.extend(_problems_from(e, model, marks))
+    if problems:
+        problems.sort(key=lambda q: (q.mark.file != shown, q.mark.line, q.mark.col))
+        raise SpecError(problems)
+    return Job(spec=spec, source=p, secret_paths=secrets)
+
+
+def job_from_data(data: dict[str, Any], source: str = "job.yaml") -> Job:
+    """Rebuild a Job from a resolved spec (a run's job.yaml), validating it again."""
+    kind = data.get("kind")
+    model = models.JOB_MODELS.get(str(kind))
+    if model is None:
+        raise SpecError([Problem(Mark(source, 1, 1), "kind", f"unknown kind {kind!r}")])
+    try:
+        return Job(spec=model.model_validate(data), source=Path(source))
+    except ValidationError as e:
+        raise SpecError(_problems_from(e, model, {(): Mark(source, 1, 1)})) from None

@@ -1,0 +1,233 @@
+"""Pydantic models of job files: small sections composed into one model per job kind.
+
+Every field has a description (it feeds `runner schema` and the docs); unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+# --- where and how it runs -------------------------------------------------------------------------
+
+
+class Resources(Section):
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per node (0 = CPU only).")
+    nodes: int = Field(1, ge=1, le=1024, description="Number of nodes (machines); >1 needs slurm or kubernetes.")
+    gpu_type: Literal["mi300x", "mi250x", "h100", "h200", "a100", "auto"] = Field(
+        "auto", description="GPU model the job is sized for; `auto` uses what preflight finds."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory per GPU in GB; defaults from gpu_type (mi300x: 192)."
+    )
+    cpus: int | None = Field(None, ge=1, description="CPU cores per node to request.")
+    memory_gb: int | None = Field(None, ge=1, description="Host memory per node to request, in GB.")
+    shm_gb: int = Field(16, ge=1, description="Size of /dev/shm inside the container, in GB.")
+    time: str | None = Field(None, description="Wall-clock limit, Slurm syntax (e.g. `12:00:00`).")
+    partition: str | None = Field(None, description="Slurm partition.")
+    account: str | None = Field(None, description="Slurm account.")
+    namespace: str = Field("default", description="Kubernetes namespace.")
+    storage_class: str | None = Field(None, description="Kubernetes storage class for the run volume.")
+
+
+class Mount(Section):
+    source: str = Field(description="Host path (or named volume) to mount.")
+    target: str = Field(description="Path inside the container.")
+    read_only: bool = Field(True, description="Mount read-only.")
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+
+class TinyModel(Section):
+    hidden_size: int = Field(128, ge=16, description="Hidden size of the offline tiny Qwen2 model.")
+    layers: int = Field(2, ge=1, le=48, description="Transformer layers of the tiny model.")
+    heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
+    pretrain_steps: int = Field(
+        600, ge=0, description="Full-parameter pretraining steps on the built-in MCQ corpus (cached)."
+    )
+    seed: int = Field(0, description="Seed for the tiny model's initialisation and pretraining.")
+
+
+class ModelSpec(Section):
+    base: str = Field(
+        description="Base model: a Hugging Face id (`Qwen/Qwen2.5-7B-Instruct`), a local directory, or `tiny` "
+        "(a small Qwen2 model built offline)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `base`.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights dtype: `auto` is bf16 on a GPU, fp32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    params_b: float | None = Field(
+        None, gt=0, description="Parameter count in billions, for preflight when the id is not known to it."
+    )
+    tiny: TinyModel = Field(default_factory=TinyModel, description="Shape of the `tiny` model.")
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS_ALL), min_length=1, description="Linear layers to adapt."
+    )
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+DataFormat = Literal["auto", "jsonl", "mmlu_csv", "arc", "openbookqa", "commonsenseqa", "tournament"]
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="File or directory of MCQ data, or `builtin:<name>` for a data set the runner generates."
+    )
+    format: DataFormat = Field("auto", description="Importer; `auto` picks from the extension and content.")
+    topic: str | None = Field(None, description="Topic for records that have none (MMLU: the file's subject).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many records (after shuffling).")
+    topics: list[str] | None = Field(None, description="Keep only records of these topics.")
+
+
+class Curriculum(Section):
+    order: Literal["none", "difficulty", "loss"] = Field(
+        "none",
+        description="`difficulty` orders by the records' difficulty; `loss` scores each with the base model once.",
+    )
+    pacing: Literal["none", "linear", "step"] = Field(
+        "none", description="How the pool widens from the easiest fraction to all records."
+    )
+    start_fraction: float = Field(0.3, gt=0.0, le=1.0, description="Fraction of the pool available at step 0.")
+    full_at: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of training after which the whole pool is available."
+    )
+
+
+class Replay(Section):
+    sources: list[DataSource] = Field(default_factory=list, description="General data to mix in.")
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Target fraction of training tokens from replay.")
+    self_replay: bool = Field(
+        False, description="Also replay the base model's own correct answers on the training questions."
+    )
+
+
+class DataSpec(Section):
+    train: list[DataSource] = Field(min_length=1, description="Training data sources.")
+    val: list[DataSource] = Field(
+        default_factory=list, description="Validation sources; empty = split `val_fraction` off the train data."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction when `val` is empty.")
+    val_limit: int | None = Field(
+        None, ge=1, description="Validate on at most this many questions (a fixed, seeded subset)."
+    )
+    seed: int = Field(0, description="Seed for shuffling and splitting.")
+    curriculum: Curriculum = Field(default_factory=Curriculum, description="Curriculum ordering and pacing.")
+    replay: Replay = Field(default_factory=Replay, description="Replay buffer against forgetting.")
+
+    @field_validator("train", "val", mode="before")
+    @classmethod
+    def _sources(cls, v: object) -> object:
+        # `train: file.jsonl` and `train: [a.jsonl, {path: b.csv}]` are shorthands for lists of sources.
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+class TrainSpec(Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences (or packed rows) per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    tokens_per_step: int | None = Field(
+        None, ge=1, description="Token budget per optimizer step; sets gradient accumulation when given."
+    )
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_len: int = Field(512, ge=16, description="Longest sequence (or packed row) in tokens.")
+    packing: bool = Field(True, description="Pack samples into rows with per-sample attention.")
+    eval_every: int = Field(50, ge=1, description="Validate every N steps (and at step 0 and the end).")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    log_every: int = Field(10, ge=1, description="Write a train metrics line every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last N checkpoints plus the best.")
+    seed: int = Field(0, description="Seed for everything random in training.")
+    deterministic: bool = Field(False, description="Deterministic kernels (slower; exact resume comparisons).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (CPU runs).")
+
+
+class LoggingSpec(Section):
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+Backend = Literal["local", "docker", "slurm", "kubernetes"]
+
+
+class JobBase(Section):
+    name: str = Field(description="Job name: lowercase letters, digits, `.`, `_`, `-` (names the run folder).")
+    description: str = Field("", description="What this experiment is for.")
+    backend: Backend = Field("local", description="Where it runs.")
+    image: str = Field("cpu", description="Image definition in images/ (`rocm`, `cuda`, `cpu`).")
+    resources: Resources = Field(default_factory=Resources, description="Hardware to request.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    mounts: list[Mount] = Field(default_factory=list, description="Extra mounts (container backends).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Free-form labels recorded with the run.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> JobBase:
+        if self.resources.nodes > 1 and self.backend in ("local", "docker"):
+            raise ValueError(
+                f"resources.nodes={self.resources.nodes} needs backend slurm or kubernetes, not {self.backend}"
+            )
+        return self
+
+
+class PrepareJob(JobBase):
+    kind: Literal["prepare"] = Field(description="Imports, deduplicates and splits MCQ data.")
+    data: DataSpec = Field(description="Sources to import and how to split them.")
+
+
+class TrainJob(JobBase):
+    kind: Literal["train"] = Field(description="LoRA fine-tuning.")
+    model: ModelSpec = Field(description="Base model.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
+    data: DataSpec = Field(description="Training and validation data.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Extra logging outputs.")
+
+
+JOB_MODELS: dict[str, type[JobBase]] = {
+    "prepare": PrepareJob,
+    "train": TrainJob,
+}
+
+AnyJob = Annotated[PrepareJob | TrainJob, Field(discriminator="kind")]

@@ -1,0 +1,42 @@
+"""Entry point of every workload: reads $RUNNER_RUN_DIR/job.yaml and runs the job's kind."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+# kind -> module under runner.workloads exposing `run(job, run_dir) -> int`
+WORKLOADS = {
+    "prepare": "runner.workloads.data",
+    "train": "runner.workloads.train",
+}
+
+
+def main() -> int:
+    run_dir = Path(os.environ.get("RUNNER_RUN_DIR", ".")).resolve()
+    job_file = run_dir / "job.yaml"
+    if not job_file.exists():
+        print(f"error: {job_file} not found (set RUNNER_RUN_DIR to a run directory)", file=sys.stderr)
+        return 2
+    from ruamel.yaml import YAML
+
+    from runner.spec import SpecError, job_from_data
+
+    data = YAML(typ="safe").load(job_file.read_text())
+    data.pop("spec_hash", None)
+    try:
+        job = job_from_data(data, str(job_file))
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    module = WORKLOADS.get(job.kind)
+    if module is None:
+        print(f"error: no workload for kind {job.kind!r}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(module).run(job, run_dir) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
