@@ -1,13 +1,26 @@
-"""Single-pass MCQ scoring: one forward pass per question, read the choice-letter logits at the answer position."""
+"""MCQ scoring: one forward pass per question reading the choice-letter logits at the answer position,
+and an lm-eval style cross-check (log-likelihood of each choice's text, one sequence per choice).
+
+The fast path right-pads each length-sorted batch and runs the decoder without an attention mask: with a
+causal model a real token never attends to the pads after it, so the result is exact, SDPA can take its
+flash kernel (`is_causal`), and the vocabulary projection runs only on each row's last real position.
+Models whose logits are not a plain projection of the last hidden state take the left-padded path
+(attention mask + position ids + `logits_to_keep=1`). Results stay on the device until one copy at the end.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from runner.workloads.prompts import LETTERS, answer_text, format_prompt
+from runner.workloads.prompts import LETTERS, answer_text, format_prompt, strip_choice_prefix
+
+Padding = Literal["auto", "right", "left"]
+# Config attributes that mean the logits are not `lm_head(hidden)`: those models take the full forward.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[int]:
@@ -18,42 +31,238 @@ def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[int]:
         if len(toks) != 1:
             raise ValueError(f"tokenizer splits {answer_text(letter)!r} into {len(toks)} tokens; need exactly one")
         ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"tokenizer maps different answer letters to the same token: {ids}")
     return ids
 
 
-@torch.no_grad()
-def score_mcq(model: Any, tokenizer: Any, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-    """Letter probabilities, shape [len(items), 10]: softmax over each item's own letters, zero elsewhere.
+def encode_prompts(tokenizer: Any, items: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each item's prompt (the same call training uses: special tokens included)."""
+    texts = [format_prompt(it.question, it.choices) for it in items]
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
-    `items` have `.question` and `.choices` (MCQ records). Batches are sorted by length and left-padded
-    so the answer position is the last one; results come back in the input order.
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def _fast_path_parts(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) when logits are exactly `lm_head(decoder(x).last_hidden_state)`, else None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING):
+        return None
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so a batch that does not fit fails early).
+
+    A batch holds at most `batch_size` rows and, when `max_batch_tokens` is set, at most that many padded tokens.
     """
-    device = next(model.parameters()).device
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # the first row of a batch is its longest
+        too_many_tokens = max_batch_tokens is not None and cur and (len(cur) + 1) * width > max_batch_tokens
+        if len(cur) == batch_size or too_many_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _pad(seqs: list[list[int]], pad: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad, dtype=np.int64)
+    att = np.zeros((len(seqs), T), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        if side == "right":
+            ids[r, : len(s)] = s
+            att[r, : len(s)] = 1
+        else:
+            ids[r, T - len(s) :] = s
+            att[r, T - len(s) :] = 1
+    return ids, att
+
+
+def _to(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def letter_logits(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Any],
+    batch_size: int = 32,
+    *,
+    padding: Padding = "auto",
+    max_batch_tokens: int | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Raw logits of ' A'..' J' at the answer position, shape [len(items), 10], on the model's device.
+
+    Letters past an item's number of choices are -inf. `max_length` keeps the last tokens of longer prompts
+    (the answer position survives). `padding`: `right` (mask-free, fast), `left` (mask + position ids),
+    `auto` (right when the model allows it).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    device = _device(model)
+    n_letters = len(LETTERS)
+    out = torch.full((len(items), n_letters), float("-inf"), device=device)
+    if not items:
+        return out
+    n_choices = [len(it.choices) for it in items]
+    for i, n in enumerate(n_choices):
+        if not 2 <= n <= n_letters:
+            raise ValueError(f"item {i} has {n} choices; scoring supports 2-{n_letters}")
     letters = torch.tensor(letter_token_ids(tokenizer), device=device)
-    prompts = [tokenizer.encode(format_prompt(it.question, it.choices)) for it in items]
-    n_choices = torch.tensor([len(it.choices) for it in items])
-    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.zeros(len(items), len(LETTERS), device=device)
+    prompts = encode_prompts(tokenizer, items)
+    if max_length is not None:
+        prompts = [p[-max_length:] for p in prompts]
+    parts = _fast_path_parts(model) if padding in ("auto", "right") else None
+    if padding == "right" and parts is None:
+        raise ValueError("right padding needs a model whose logits are lm_head(last hidden state)")
+    side = "right" if parts is not None else "left"
+    choice_mask = _to(np.arange(n_letters)[None, :] >= np.asarray(n_choices)[:, None], device)
+    pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, T - len(p) :] = torch.tensor(p)
-            att[r, T - len(p) :] = 1
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device), logits_to_keep=1
-        ).logits[:, -1, :]
-        letter_logits = logits.float().index_select(-1, letters)
-        mask = torch.arange(len(LETTERS)).unsqueeze(0) >= n_choices[idx].unsqueeze(1)
-        letter_logits = letter_logits.masked_fill(mask.to(device), float("-inf"))
-        out[torch.tensor(idx, device=device)] = letter_logits.softmax(-1)
-    if was_training:
-        model.train()
-    return out.cpu()
+    try:
+        for idx in length_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
+            ids_np, att_np = _pad([prompts[i] for i in idx], pad, side)
+            ids = _to(ids_np, device)
+            rows = _to(np.asarray(idx, dtype=np.int64), device)
+            if parts is not None:
+                decoder, head = parts
+                last = _to(att_np.sum(1) - 1, device)
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                h = hidden[torch.arange(len(idx), device=device), last]
+                logits = head(h)
+            else:
+                att = _to(att_np, device)
+                pos = (att.cumsum(-1) - 1).clamp(min=0)
+                logits = model(
+                    input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1, use_cache=False
+                ).logits[:, -1, :]
+            out[rows] = logits.index_select(-1, letters).float()
+    finally:
+        if was_training:
+            model.train()
+    return out.masked_fill(choice_mask, float("-inf"))
+
+
+@torch.no_grad()
+def score_mcq(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Any],
+    batch_size: int = 32,
+    *,
+    padding: Padding = "auto",
+    max_batch_tokens: int | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Letter probabilities, shape [len(items), 10] on the CPU: softmax over each item's own letters, zero elsewhere.
+
+    `items` have `.question` and `.choices` (MCQ records). One forward pass per question, batches sorted by
+    length; results come back in the input order with a single device-to-host copy.
+    """
+    logits = letter_logits(
+        model, tokenizer, items, batch_size, padding=padding, max_batch_tokens=max_batch_tokens, max_length=max_length
+    )
+    return logits.softmax(-1).cpu()
+
+
+@torch.no_grad()
+def score_mcq_per_choice(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Any],
+    batch_size: int = 32,
+    *,
+    normalize: Literal["none", "chars"] = "none",
+    max_batch_tokens: int | None = None,
+) -> torch.Tensor:
+    """lm-eval style cross-check: choice probabilities [len(items), 10] from the log-likelihood of each choice's text.
+
+    Each choice is one sequence: the prompt, then ' ' + the choice text; its score is the summed log-probability
+    of the choice's tokens (`normalize="chars"` divides by the text's length, lm-eval's acc_norm). The scores are
+    softmaxed over each item's choices so the result compares directly with `score_mcq`.
+    """
+    device = _device(model)
+    n_letters = len(LETTERS)
+    scores = torch.full((len(items), n_letters), float("-inf"), device=device)
+    if not items:
+        return scores.cpu()
+    contexts = encode_prompts(tokenizer, items)
+    seqs: list[list[int]] = []
+    starts: list[int] = []  # index of the first continuation token
+    owners: list[tuple[int, int]] = []
+    denom: list[float] = []
+    for i, it in enumerate(items):
+        for j, choice in enumerate(it.choices):
+            text = " " + strip_choice_prefix(choice)
+            cont = tokenizer.encode(text, add_special_tokens=False) or [_pad_id(tokenizer)]
+            seqs.append(contexts[i] + cont)
+            starts.append(len(contexts[i]))
+            owners.append((i, j))
+            denom.append(float(len(text)) if normalize == "chars" else 1.0)
+    parts = _fast_path_parts(model)
+    pad = _pad_id(tokenizer)
+    flat = torch.full((len(seqs),), float("-inf"), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in length_batches([len(s) for s in seqs], batch_size, max_batch_tokens):
+            ids_np, att_np = _pad([seqs[k] for k in idx], pad, "right")
+            # Positions predicting each continuation token: start-1 .. len-2; targets: start .. len-1.
+            rows_np, pos_np = [], []
+            for r, k in enumerate(idx):
+                p = np.arange(starts[k] - 1, len(seqs[k]) - 1)
+                rows_np.append(np.full(len(p), r))
+                pos_np.append(p)
+            r_t = _to(np.concatenate(rows_np), device)
+            p_t = _to(np.concatenate(pos_np), device)
+            ids = _to(ids_np, device)
+            if parts is not None:
+                decoder, head = parts
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                logits = head(hidden[r_t, p_t])
+            else:
+                logits = model(input_ids=ids, attention_mask=_to(att_np, device), use_cache=False).logits[r_t, p_t]
+            logp = logits.float().log_softmax(-1).gather(-1, ids[r_t, p_t + 1].unsqueeze(-1)).squeeze(-1)
+            seq_of = _to(np.arange(len(idx)), device)[r_t]
+            total = torch.zeros(len(idx), device=device).index_add_(0, seq_of, logp)
+            flat[_to(np.asarray(idx, dtype=np.int64), device)] = total
+    finally:
+        if was_training:
+            model.train()
+    owner_i = _to(np.asarray([o[0] for o in owners], dtype=np.int64), device)
+    owner_j = _to(np.asarray([o[1] for o in owners], dtype=np.int64), device)
+    scores[owner_i, owner_j] = flat / torch.tensor(denom, device=device)
+    return scores.softmax(-1).cpu()
