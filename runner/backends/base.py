@@ -1,0 +1,48 @@
+"""The one small protocol every backend implements: render, check, start, poll, cancel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from runner.plan import Plan
+    from runner.runs import Run
+
+# Exit code of a workload that stopped on SIGTERM/SIGINT after writing its checkpoint.
+EXIT_CANCELLED = 130
+
+
+class EnvironmentProblem(Exception):
+    """This machine cannot run the plan (no engine, no device, does not fit). The CLI exits 3 with the message."""
+
+
+class Handle(Protocol):
+    def wait(self) -> int:
+        """Stream output to run.log (and the terminal when attached); return the job's exit code."""
+        ...
+
+    def cancel(self) -> None:
+        """Graceful stop: SIGTERM, a grace period for a checkpoint, then kill."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def render_files(self, plan: Plan) -> dict[str, str]:
+        """Backend-specific files for plan/ (pure): docker-run.sh, sbatch.sh, kubernetes.yaml, ..."""
+        ...
+
+    def check(self, plan: Plan) -> None:
+        """Raise EnvironmentProblem within seconds when the plan cannot run here."""
+        ...
+
+    def start(self, plan: Plan, run: Run, attach: bool = True) -> Handle: ...
+
+    def poll(self, run: Run) -> tuple[str, int | None] | None:
+        """(state, exit code) as the engine sees it, or None when it cannot tell."""
+        ...
+
+    def cancel(self, run: Run, grace_s: float = 30.0) -> None:
+        """Cancel from any process, using run.status()['backend_ref']."""
+        ...

@@ -1,0 +1,554 @@
+"""The `runner` command line: each command is a thin call into one module.
+
+Exit codes: 0 ok, 1 the job failed, 2 invalid input, 3 this environment cannot run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from runner.plan import Plan
+    from runner.runs import Run
+    from runner.spec import Job
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ENV = 0, 1, 2, 3
+
+app = typer.Typer(
+    name="runner", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Declarative runner for LLM question-answering agent experiments: validate, plan, run, compare, promote.",
+)
+registry_app = typer.Typer(no_args_is_help=True, help="Promoted artifacts: versions, aliases, lineage.")
+app.add_typer(registry_app, name="registry")
+
+SetOpt = typer.Option([], "--set", help="Override a field: --set train.steps=100 (repeatable).")
+BackendOpt = typer.Option(None, "--backend", "-b", help="local | docker | slurm | kubernetes (default: the job's).")
+
+
+class Exit(Exception):
+    def __init__(self, code: int, message: str = ""):
+        self.code = code
+        self.message = message
+
+
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(file: str, sets: list[str] | None = None, backend: str | None = None) -> Job:
+    from runner.spec import SpecError, load_job
+
+    try:
+        return load_job(file, sets or [], backend)
+    except SpecError as e:
+        raise Exit(EXIT_INVALID, str(e)) from None
+
+
+def _plan(job: Job, backend: str | None = None) -> Plan:
+    from runner.backends import EnvironmentProblem
+    from runner.plan import render_plan
+
+    try:
+        return render_plan(job, backend)
+    except EnvironmentProblem as e:
+        raise Exit(EXIT_ENV, f"error: {e}") from None
+
+
+# --- validate / plan / schema --------------------------------------------------------------------------
+
+
+@app.command()
+def validate(files: list[str] = typer.Argument(..., help="Job files to check.")) -> None:
+    """Check job files; one `FILE:LINE:COL: error: field: message` line per problem (exit 2 if any)."""
+    from runner.spec import SpecError, load_job
+
+    bad = 0
+    for f in files:
+        try:
+            job = load_job(f)
+        except SpecError as e:
+            err(str(e))
+            bad += 1
+            continue
+        print(f"{f}: ok ({job.kind} {job.name}, spec {job.spec_hash})")
+    if bad:
+        raise Exit(EXIT_INVALID)
+
+
+@app.command()
+def plan(
+    file: str = typer.Argument(..., help="Job file."),
+    sets: list[str] = SetOpt,
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Print everything that would run: image and Dockerfile, command, env (secrets redacted), mounts, files."""
+    import shlex
+
+    job = _load(file, sets, backend)
+    p = _plan(job, backend)
+    out = [f"# job: {job.name} ({job.kind}), spec {job.spec_hash}, backend {p.backend}"]
+    if p.image is not None:
+        out.append(f"# image: {p.image.tag}  (flavour {p.image.flavour}, FROM {p.image.base})")
+    out.append("# command")
+    out.append("  " + " ".join(shlex.quote(a) if "${RUNNER_" not in a else f'"{a}"' for a in p.argv))
+    out.append(f"# working directory: {p.workdir}")
+    out.append("# env")
+    out += [f"  {k}={v}" for k, v in p.shown_env().items()]
+    if p.mounts:
+        out.append("# mounts")
+        out += [f"  {m.source} -> {m.target} ({'ro' if m.read_only else 'rw'})" for m in p.mounts]
+    if p.ports:
+        out.append("# ports: " + ", ".join(str(x) for x in p.ports))
+    if p.image is not None:
+        out.append("# file: Dockerfile")
+        out.append(p.image.dockerfile.rstrip())
+    for name, content in p.files.items():
+        if name == "Dockerfile" and p.image is not None:
+            continue
+        out.append(f"# file: plan/{name}")
+        out.append(content.rstrip())
+    text = "\n".join(out)
+    for name in p.secret_env:
+        val = p.env.get(name)
+        if val and len(val) >= 4:
+            text = text.replace(val, "***")
+    print(text)
+
+
+@app.command()
+def schema(kind: Optional[str] = typer.Argument(None, help="Job kind (default: all kinds).")) -> None:
+    """Print the JSON Schema of job files (for editors)."""
+    from runner.spec import JOB_MODELS
+
+    if kind is not None:
+        if kind not in JOB_MODELS:
+            raise Exit(EXIT_INVALID, f"error: unknown kind {kind!r}; one of: {', '.join(JOB_MODELS)}")
+        sch: dict[str, Any] = JOB_MODELS[kind].model_json_schema()
+    else:
+        defs: dict[str, Any] = {}
+        one_of = []
+        for k, m in JOB_MODELS.items():
+            s = m.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(s.pop("$defs", {}))
+            defs[m.__name__] = s
+            one_of.append({"$ref": f"#/$defs/{m.__name__}"})
+        sch = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "qa-runner job",
+               "oneOf": one_of, "$defs": defs}
+    print(json.dumps(sch, indent=2))
+
+
+# --- run -----------------------------------------------------------------------------------------------
+
+
+def _check(job: Job, p: Plan) -> None:
+    from runner.backends import EnvironmentProblem, get_backend
+
+    try:
+        get_backend(p.backend).check(p)
+        try:
+            from runner import preflight
+        except ImportError:
+            return
+        gate = getattr(preflight, "gate", None)
+        if gate is not None:
+            gate(job, p)
+    except EnvironmentProblem as e:
+        raise Exit(EXIT_ENV, f"error: {e}") from None
+
+
+@app.command()
+def run(
+    file: str = typer.Argument(..., help="Job file."),
+    sets: list[str] = SetOpt,
+    backend: Optional[str] = BackendOpt,
+    fresh: bool = typer.Option(False, "--fresh", help="Start a new run even if an unfinished one can be resumed."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Start and return; follow with `runner logs -f`."),
+) -> None:
+    """Create a run, start it and stream its log; the exit code is the job's."""
+    from runner.runs import RunStore
+
+    job = _load(file, sets, backend)
+    p = _plan(job, backend)
+    _check(job, p)
+    store = RunStore()
+    r = None
+    if job.kind == "train" and not fresh:
+        r = store.find_resumable(job)
+        if r is not None:
+            print(f"runner: resuming {r.ref} (state {r.state}, {len(r.checkpoints())} checkpoint(s)); --fresh starts anew",
+                  flush=True)
+            store.refresh_plan(r, p)
+            r.note("resume", checkpoints=[c.name for c in r.checkpoints()])
+    if r is None:
+        r = store.create(job, p)
+        print(f"runner: run {r.ref} ({p.backend}) -> {r.dir}", flush=True)
+    if detach:
+        log = open(r.dir / "driver.log", "ab")
+        subprocess.Popen(
+            [sys.executable, "-m", "runner", "drive", str(r.dir), "--backend", p.backend], cwd=p.workdir,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        print(f"runner: detached; follow with `runner logs -f {r.id}`, stop with `runner cancel {r.id}`")
+        return
+    raise Exit(drive_run(r, p, attach=True))
+
+
+def drive_run(r: Run, p: Plan, attach: bool) -> int:
+    """Start the plan on its backend for run `r`, wait, and record how it ended."""
+    from runner.backends import EXIT_CANCELLED, EnvironmentProblem, get_backend
+
+    backend = get_backend(p.backend)
+    with r.lock():
+        r.set_state("running", runner_pid=os.getpid(), backend=p.backend, cancel_requested=False, exit_code=None)
+        try:
+            handle = backend.start(p, r, attach)
+        except EnvironmentProblem as e:
+            r.set_state("failed", error=str(e))
+            raise Exit(EXIT_ENV, f"error: {e}") from None
+        signals = {"n": 0}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            signals["n"] += 1
+            r.update(cancel_requested=True)
+            if signals["n"] == 1:
+                err(f"\nrunner: {signal.Signals(signum).name}: stopping {r.ref} (checkpoint first; again to force)")
+                r.note("cancel-requested", signal=signal.Signals(signum).name)
+                handle.cancel()
+            else:
+                err("runner: forcing stop")
+                backend.cancel(r, grace_s=0)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = handle.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        st = r.status()
+        if code == 0:
+            state = "succeeded"
+        elif st.get("cancel_requested") or code == EXIT_CANCELLED:
+            state = "cancelled"
+        else:
+            state = "failed"
+        r.set_state(state, exit_code=code)
+        if attach:
+            err(f"runner: {r.ref} {state} (exit {code})")
+        return code
+
+
+@app.command(hidden=True)
+def drive(run_dir: str, backend: Optional[str] = BackendOpt) -> None:
+    """Drive an existing run (used by --detach)."""
+    from runner.plan import render_plan
+    from runner.runs import Run
+    from runner.spec import job_from_data
+
+    r = Run(Path(run_dir))
+    data = r.job_data()
+    data.pop("spec_hash", None)
+    job = job_from_data(data, str(r.dir / "job.yaml"))
+    raise Exit(drive_run(r, render_plan(job, backend), attach=False))
+
+
+# --- runs ----------------------------------------------------------------------------------------------
+
+
+def _store() -> Any:
+    from runner.runs import RunStore
+
+    return RunStore()
+
+
+def _get(ref: str) -> Run:
+    from runner.runs import RunError
+
+    try:
+        run_: Run = _store().get(ref)
+        return run_
+    except RunError as e:
+        raise Exit(EXIT_INVALID, f"error: {e}") from None
+
+
+def reconcile(r: Run) -> str:
+    """The run's state, corrected when its driver died: asks the backend, marks orphans."""
+    st = r.status()
+    state = str(st.get("state", "pending"))
+    if state not in ("running", "pending") or r.is_locked():
+        return state
+    if state == "pending":
+        return state
+    from runner.backends import EnvironmentProblem, get_backend
+
+    try:
+        seen = get_backend(str(st.get("backend") or "local")).poll(r)
+    except EnvironmentProblem:
+        seen = None
+    if seen is not None and seen[0] == "running":
+        if not st.get("orphan"):
+            r.update(orphan=True)
+            r.note("orphan", detail="the job is still running but no runner process drives it")
+        return "running (orphaned)"
+    if seen is not None and seen[0] in ("succeeded", "failed", "cancelled"):
+        r.set_state(seen[0], exit_code=seen[1])
+        return seen[0]
+    r.set_state("failed", error="the runner driving this run died; `runner run` the job again to resume it")
+    return "failed"
+
+
+def _last(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
+    for m in reversed(metrics):
+        if m.get("split") == split and key in m:
+            return m[key]
+    return None
+
+
+def _first(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
+    for m in metrics:
+        if m.get("split") == split and key in m:
+            return m[key]
+    return None
+
+
+@app.command("ls")
+def ls_(job: Optional[str] = typer.Argument(None, help="Only runs of this job.")) -> None:
+    """List runs: id, job, kind, state, backend, started, validation accuracy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold")
+    for col in ("run", "job", "kind", "state", "backend", "started", "steps", "val acc"):
+        t.add_column(col)
+    for r in _store().list(job):
+        st = r.status()
+        state = reconcile(r)
+        ms = r.metrics()
+        acc = _last(ms, "val", "accuracy")
+        step = _last(ms, "train", "step")
+        t.add_row(r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
+                  str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
+                  "" if step is None else str(step), "" if acc is None else f"{acc:.3f}")
+    Console().print(t)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="Run id, job/id, or job name (its latest run).")) -> None:
+    """Summary of a run: status, spec, metrics, checkpoints, evaluation; writes loss.png and accuracy.png."""
+    r = _get(ref)
+    state = reconcile(r)
+    st = r.status()
+    ms = r.metrics()
+    print(f"run        {r.ref}")
+    print(f"dir        {r.dir}")
+    print(f"state      {state}" + (f" (exit {st.get('exit_code')})" if st.get("exit_code") is not None else ""))
+    for k in ("kind", "backend", "spec_hash", "created_at", "started_at", "ended_at", "error"):
+        if st.get(k):
+            print(f"{k:<10} {st[k]}")
+    if ms:
+        a0, a1 = _first(ms, "val", "accuracy"), _last(ms, "val", "accuracy")
+        if a0 is not None:
+            print(f"val acc    {a0:.3f} at step {_first(ms, 'val', 'step')} -> {a1:.3f} at step {_last(ms, 'val', 'step')}")
+        loss = _last(ms, "train", "loss")
+        if loss is not None:
+            print(f"train loss {loss:.4f} at step {_last(ms, 'train', 'step')}; "
+                  f"{_last(ms, 'train', 'tokens_per_s') or 0:.0f} tokens/s")
+    cks = r.checkpoints()
+    if cks:
+        best = r.checkpoints_dir / "best"
+        bname = os.path.basename(os.path.realpath(best)) if best.exists() else None
+        print("checkpoints " + ", ".join(c.name + (" (best)" if c.name == bname else "") for c in cks))
+    ev = r.dir / "eval.json"
+    if ev.exists():
+        try:
+            e = json.loads(ev.read_text())
+            print(f"eval       accuracy {e.get('accuracy')} on n={e.get('n')}")
+        except json.JSONDecodeError:
+            print("eval       eval.json is unreadable")
+    if ms:
+        written = _plots(r, ms)
+        if written:
+            print("plots      " + ", ".join(str(w) for w in written))
+
+
+def _plots(r: Run, ms: list[dict[str, Any]]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = []
+    for name, split, key in (("loss.png", "train", "loss"), ("accuracy.png", "val", "accuracy")):
+        pts = [(m["step"], m[key]) for m in ms if m.get("split") == split and key in m and "step" in m]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{split} {key}")
+        ax.set_title(f"{r.job_name} {r.id}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(r.dir / name, dpi=100)
+        plt.close(fig)
+        out.append(r.dir / name)
+    return out
+
+
+@app.command()
+def logs(
+    ref: str = typer.Argument(..., help="Run id, job/id, or job name."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends."),
+) -> None:
+    """Print a run's log."""
+    from runner.runs import TERMINAL
+
+    r = _get(ref)
+    pos = 0
+    while True:
+        if r.log_path.exists():
+            with open(r.log_path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+        if not follow or r.state in TERMINAL:
+            if follow and r.log_path.exists() and r.log_path.stat().st_size > pos:
+                continue
+            break
+        time.sleep(0.5)
+
+
+@app.command()
+def cancel(
+    ref: str = typer.Argument(..., help="Run id, job/id, or job name."),
+    grace: float = typer.Option(30.0, "--grace", help="Seconds to let the job checkpoint before it is killed."),
+) -> None:
+    """Stop a run: SIGTERM (the trainer checkpoints), then kill after the grace period; ends `cancelled`."""
+    from runner.backends import EnvironmentProblem, get_backend
+    from runner.runs import TERMINAL, wait_for_state
+
+    r = _get(ref)
+    st = r.status()
+    if st.get("state") in TERMINAL:
+        print(f"{r.ref} already {st['state']}")
+        return
+    r.update(cancel_requested=True)
+    r.note("cancel-requested", by="runner cancel")
+    try:
+        get_backend(str(st.get("backend") or "local")).cancel(r, grace_s=grace)
+    except EnvironmentProblem as e:
+        raise Exit(EXIT_ENV, f"error: {e}") from None
+    state = wait_for_state(r, set(TERMINAL), timeout=grace + 15) if r.is_locked() else r.state
+    if state not in TERMINAL:
+        r.set_state("cancelled", exit_code=None)
+        state = "cancelled"
+    print(f"{r.ref} {state}")
+
+
+# --- evaluation, preflight, registry -------------------------------------------------------------------
+
+
+@app.command()
+def compare(
+    refs: list[str] = typer.Argument(..., help="Runs or eval runs to compare."),
+    png: Optional[str] = typer.Option(None, "--png", help="Where to write the comparison chart."),
+) -> None:
+    """Compare runs: accuracy, by difficulty, ECE, tokens seen; McNemar test for two evals of the same questions."""
+    from runner.compare import compare_main
+
+    raise Exit(compare_main(refs, png))
+
+
+@app.command()
+def preflight(
+    file: str = typer.Argument(..., help="Job file."),
+    sets: list[str] = SetOpt,
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Hardware found, memory estimate per component, and whether the job fits."""
+    from runner.preflight import preflight_main
+
+    job = _load(file, sets, backend)
+    raise Exit(preflight_main(job, _plan(job, backend)))
+
+
+@app.command()
+def promote(
+    ref: str = typer.Argument(..., help="Run to promote from."),
+    to: str = typer.Option(..., "--to", help="Registry name."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best | last | step-N."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Move this alias (e.g. champion) to the new version."),
+    image: bool = typer.Option(False, "--image", help="Also build a serving image."),
+    merge: bool = typer.Option(False, "--merge", help="Also write merged full weights."),
+    force: bool = typer.Option(False, "--force", help="Skip the promotion gate (recorded in the manifest)."),
+) -> None:
+    """Copy a checkpoint into the registry as a new immutable version; optionally move an alias, build an image."""
+    from runner.registry import promote_main
+
+    raise Exit(promote_main(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force))
+
+
+@registry_app.command("ls")
+def registry_ls(name: Optional[str] = typer.Argument(None, help="Only this name.")) -> None:
+    """List registry names, versions and aliases."""
+    from runner.registry import ls_main
+
+    raise Exit(ls_main(name))
+
+
+@registry_app.command("show")
+def registry_show(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME:vN.")) -> None:
+    """A version's manifest: files, lineage back to the run and spec, metrics, image."""
+    from runner.registry import show_main
+
+    raise Exit(show_main(ref))
+
+
+@registry_app.command("verify")
+def registry_verify(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME:vN.")) -> None:
+    """Re-hash a version's files against its manifest."""
+    from runner.registry import verify_main
+
+    raise Exit(verify_main(ref))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exit as e:
+        if e.message:
+            err(e.message)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        err("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors and user-facing errors from the modules below
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(EXIT_INVALID)
+        from runner.runs import RunError
+
+        if isinstance(e, RunError):
+            err(f"error: {e}")
+            sys.exit(EXIT_INVALID)
+        raise
+    sys.exit(0)
