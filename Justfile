@@ -1,0 +1,57 @@
+# qa-runner tasks. Every recipe bootstraps .venv on first use (idempotent; later calls add well under 2 s).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set positional-arguments
+
+py := ".venv/bin/python"
+
+# List the recipes.
+default:
+    @just --list
+
+# Create .venv with torch (CPU build unless TORCH_SPEC says otherwise) and the project; skipped when up to date.
+bootstrap:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    stamp=".venv/.bootstrap-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+    [ -f "$stamp" ] && exit 0
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "qa-runner needs Python >= 3.11" >&2; exit 3; }
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    # A GPU image already has its own torch build: never reinstall it. On a CPU machine, torch==2.13.0 is the CPU wheel.
+    if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+        .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    fi
+    .venv/bin/pip install --quiet -e '.[workloads,dev,cluster]'
+    rm -f .venv/.bootstrap-*
+    touch "$stamp"
+
+# Run a job: just run jobs/quickstart.yaml [--set k=v] [--backend B] [--fresh] [--detach]
+run JOB *ARGS: bootstrap
+    {{py}} -m runner run "$@"
+
+# Print everything a job would run, without running it.
+plan JOB *ARGS: bootstrap
+    {{py}} -m runner plan "$@"
+
+# Validate job files (default: every job in jobs/).
+validate *FILES: bootstrap
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ $# -eq 0 ]; then set -- jobs/*.yaml; fi
+    {{py}} -m runner validate "$@"
+
+# The test suite (real Docker engine and Slurm tests run when those are up: see .ci/run).
+test *ARGS: bootstrap
+    {{py}} -m pytest "$@"
+
+# Lint and type-check the host-side package.
+lint: bootstrap
+    .venv/bin/ruff check runner tests bench
+    .venv/bin/mypy runner
+
+# Benchmarks on this machine, as ratios against a baseline measured in the same process.
+bench *ARGS: bootstrap
+    {{py}} bench/run_all.py "$@"
+
+# The runner's own CLI: just runner ls, just runner show RUN, ...
+runner *ARGS: bootstrap
+    {{py}} -m runner "$@"
