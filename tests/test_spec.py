@@ -1,0 +1,170 @@
+"""The job-file loader: every error class points at FILE:LINE:COL, and valid files resolve as documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from runner.spec import SpecError, load_job
+from tests.conftest import ROOT, run_cli
+
+LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): error: (?P<rest>.*)$")
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    p = tmp / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+GOOD = """\
+kind: train
+name: demo
+model:
+  base: tiny
+data:
+  train: builtin:quickstart
+train:
+  steps: 20
+"""
+
+
+def problems(path: Path, *sets: str) -> list[str]:
+    with pytest.raises(SpecError) as ei:
+        load_job(path, list(sets))
+    return [str(p) for p in ei.value.problems]
+
+
+def test_valid_file_loads_with_defaults(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, "a.yaml", GOOD))
+    assert job.kind == "train" and job.name == "demo"
+    assert job.spec.train.steps == 20 and job.spec.lora.r == 16  # type: ignore[attr-defined]
+    assert job.spec.data.train[0].path == "builtin:quickstart"  # type: ignore[attr-defined]
+
+
+def test_misspelt_key_points_at_line_and_suggests(tmp_path: Path) -> None:
+    p = write(tmp_path, "a.yaml", GOOD.replace("  steps: 20", "  stpes: 20"))
+    (msg,) = problems(p)
+    m = LINE.match(msg)
+    assert m and m["line"] == "8" and m["col"] == "3"
+    assert "train.stpes" in msg and "did you mean 'steps'" in msg
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, "a.yaml", GOOD.replace("steps: 20", "steps: lots")))
+    assert msg.startswith(f"{tmp_path}/a.yaml:8:3: error: train.steps:") and "integer" in msg and "'lots'" in msg
+
+
+def test_missing_required_field_points_at_its_parent(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, "a.yaml", GOOD.replace("  base: tiny\n", "  dtype: bf16\n")))
+    assert ":3:1: error: model.base: required field is missing" in msg
+
+
+def test_unknown_kind_suggests(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, "a.yaml", GOOD.replace("kind: train", "kind: trian")))
+    assert ":1:1: error: kind: unknown kind 'trian'; did you mean 'train'?" in msg
+
+
+def test_invalid_yaml_has_position(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, "a.yaml", "kind: train\nname: [unclosed\nmodel: {}\n"))
+    m = LINE.match(msg)
+    assert m and "invalid YAML" in msg and int(m["line"]) >= 2
+
+
+def test_bad_extends_path(tmp_path: Path) -> None:
+    (msg,) = problems(write(tmp_path, "a.yaml", "extends: base/nope.yaml\n" + GOOD))
+    assert ":1:1: error: extends: file 'base/nope.yaml' not found" in msg
+
+
+def test_extends_cycle(tmp_path: Path) -> None:
+    write(tmp_path, "base/x.yaml", "extends: y.yaml\n")
+    write(tmp_path, "base/y.yaml", "extends: x.yaml\n")
+    (msg,) = problems(write(tmp_path, "a.yaml", "extends: base/x.yaml\n" + GOOD))
+    assert "extends cycle: a.yaml -> x.yaml -> y.yaml -> x.yaml" in msg
+
+
+def test_extends_deep_merges_and_marks_errors_in_the_base(tmp_path: Path) -> None:
+    write(tmp_path, "base/common.yaml", "train:\n  lr: 0.001\n  warmup_steps: 3\nlora:\n  rr: 4\n")
+    p = write(tmp_path, "a.yaml", "extends: base/common.yaml\n" + GOOD)
+    (msg,) = problems(p)
+    assert msg.startswith(str(tmp_path / "base" / "common.yaml") + ":5:3: error: lora.rr: unknown key 'rr'")
+    write(tmp_path, "base/common.yaml", "train:\n  lr: 0.001\n  warmup_steps: 3\n")
+    job = load_job(p)
+    t = job.spec.train  # type: ignore[attr-defined]
+    assert (t.lr, t.warmup_steps, t.steps) == (0.001, 3, 20)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path: Path) -> None:
+    p = write(tmp_path, "a.yaml", GOOD)
+    job = load_job(p, ["train.steps=7", "lora.r=4", "train.packing=false"])
+    t = job.spec.train  # type: ignore[attr-defined]
+    assert t.steps == 7 and t.packing is False and job.spec.lora.r == 4  # type: ignore[attr-defined]
+    (msg,) = problems(p, "train.stepz=3")
+    assert msg.startswith("--set train.stepz:1:1: error: train.stepz: unknown key") and "did you mean 'steps'" in msg
+
+
+def test_env_interpolation_and_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QA_TOKEN", "s3cret-value")
+    monkeypatch.delenv("QA_MISSING", raising=False)
+    text = GOOD + "env:\n  TOKEN: ${env:QA_TOKEN}\n  OTHER: ${env:QA_MISSING:-fallback}\n"
+    job = load_job(write(tmp_path, "a.yaml", text))
+    assert job.spec.env == {"TOKEN": "s3cret-value", "OTHER": "fallback"}  # type: ignore[attr-defined]
+    assert "env.TOKEN" in job.secret_paths
+    (msg,) = problems(write(tmp_path, "b.yaml", GOOD + "env:\n  T: ${env:QA_MISSING}\n"))
+    assert ":10:3: error: env.T: environment variable QA_MISSING is not set" in msg
+
+
+def test_spec_hash_ignores_key_order_and_comments(tmp_path: Path) -> None:
+    a = load_job(write(tmp_path, "a.yaml", GOOD))
+    reordered = "name: demo  # same job\ntrain:\n  steps: 20\nkind: train\ndata:\n  train: builtin:quickstart\nmodel:\n  base: tiny\n"
+    b = load_job(write(tmp_path, "b.yaml", reordered))
+    c = load_job(write(tmp_path, "c.yaml", GOOD), ["train.steps=21"])
+    assert a.spec_hash == b.spec_hash != c.spec_hash
+
+
+def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
+    assert "the file is empty" in problems(write(tmp_path, "e.yaml", ""))[0]
+    assert "must be a mapping" in problems(write(tmp_path, "l.yaml", "- a\n- b\n"))[0]
+
+
+def test_validate_cli_one_line_per_problem_no_traceback(tmp_path: Path) -> None:
+    bad = write(tmp_path, "bad.yaml", GOOD.replace("steps: 20", "steps: x").replace("base: tiny", "bsae: tiny"))
+    p = run_cli("validate", str(bad), str(ROOT / "jobs" / "train-72b.yaml"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert all(LINE.match(x) for x in lines), p.stderr
+    assert len(lines) == 3  # the misspelt key, the missing `base` it leaves behind, the wrong type
+    assert "Traceback" not in p.stderr
+    assert "train-72b.yaml: ok" in p.stdout
+
+
+def test_every_shipped_job_validates_quickly() -> None:
+    import subprocess
+    import sys
+    import time
+
+    jobs = sorted(str(p) for p in (ROOT / "jobs").glob("*.yaml"))
+    code = ("import sys, time; t=time.perf_counter(); from runner.cli import main; "
+            "sys.argv=['runner','validate',*sys.argv[1:]]\n"
+            "try:\n main()\nexcept SystemExit as e:\n"
+            " assert 'torch' not in sys.modules, 'validate imported torch'\n"
+            " print('elapsed', time.perf_counter()-t); sys.exit(e.code)")
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, *jobs], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count(": ok (") == len(jobs)
+    assert wall < 3.0  # generous for a shared 2-core machine; typically ~0.3 s
+
+
+def test_schema_lists_every_kind() -> None:
+    import json
+
+    p = run_cli("schema", check=True)
+    sch = json.loads(p.stdout)
+    assert len(sch["oneOf"]) >= 2 and "TrainJob" in sch["$defs"]
+    one = json.loads(run_cli("schema", "train", check=True).stdout)
+    assert one["properties"]["model"] and "description" in one["properties"]["name"]
