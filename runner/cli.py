@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -88,7 +88,7 @@ def validate(files: list[str] = typer.Argument(..., help="Job files to check."))
 def plan(
     file: str = typer.Argument(..., help="Job file."),
     sets: list[str] = SetOpt,
-    backend: Optional[str] = BackendOpt,
+    backend: str | None = BackendOpt,
 ) -> None:
     """Print everything that would run: image and Dockerfile, command, env (secrets redacted), mounts, files."""
     import shlex
@@ -125,7 +125,7 @@ def plan(
 
 
 @app.command()
-def schema(kind: Optional[str] = typer.Argument(None, help="Job kind (default: all kinds).")) -> None:
+def schema(kind: str | None = typer.Argument(None, help="Job kind (default: all kinds).")) -> None:
     """Print the JSON Schema of job files (for editors)."""
     from runner.spec import JOB_MODELS
 
@@ -169,7 +169,7 @@ def _check(job: Job, p: Plan) -> None:
 def run(
     file: str = typer.Argument(..., help="Job file."),
     sets: list[str] = SetOpt,
-    backend: Optional[str] = BackendOpt,
+    backend: str | None = BackendOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Start a new run even if an unfinished one can be resumed."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start and return; follow with `runner logs -f`."),
 ) -> None:
@@ -247,7 +247,7 @@ def drive_run(r: Run, p: Plan, attach: bool) -> int:
 
 
 @app.command(hidden=True)
-def drive(run_dir: str, backend: Optional[str] = BackendOpt) -> None:
+def drive(run_dir: str, backend: str | None = BackendOpt) -> None:
     """Drive an existing run (used by --detach)."""
     from runner.plan import render_plan
     from runner.runs import Run
@@ -320,7 +320,7 @@ def _first(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
 
 
 @app.command("ls")
-def ls_(job: Optional[str] = typer.Argument(None, help="Only runs of this job.")) -> None:
+def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -> None:
     """List runs: id, job, kind, state, backend, started, validation accuracy."""
     from rich.console import Console
     from rich.table import Table
@@ -464,7 +464,7 @@ def cancel(
 @app.command()
 def compare(
     refs: list[str] = typer.Argument(..., help="Runs or eval runs to compare."),
-    png: Optional[str] = typer.Option(None, "--png", help="Where to write the comparison chart."),
+    png: str | None = typer.Option(None, "--png", help="Where to write the comparison chart."),
 ) -> None:
     """Compare runs: accuracy, by difficulty, ECE, tokens seen; McNemar test for two evals of the same questions."""
     from runner.compare import compare_main
@@ -476,7 +476,7 @@ def compare(
 def preflight(
     file: str = typer.Argument(..., help="Job file."),
     sets: list[str] = SetOpt,
-    backend: Optional[str] = BackendOpt,
+    backend: str | None = BackendOpt,
 ) -> None:
     """Hardware found, memory estimate per component, and whether the job fits."""
     from runner.preflight import preflight_main
@@ -490,7 +490,7 @@ def promote(
     ref: str = typer.Argument(..., help="Run to promote from."),
     to: str = typer.Option(..., "--to", help="Registry name."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best | last | step-N."),
-    alias: Optional[str] = typer.Option(None, "--alias", help="Move this alias (e.g. champion) to the new version."),
+    alias: str | None = typer.Option(None, "--alias", help="Move this alias (e.g. champion) to the new version."),
     image: bool = typer.Option(False, "--image", help="Also build a serving image."),
     merge: bool = typer.Option(False, "--merge", help="Also write merged full weights."),
     force: bool = typer.Option(False, "--force", help="Skip the promotion gate (recorded in the manifest)."),
@@ -502,7 +502,7 @@ def promote(
 
 
 @registry_app.command("ls")
-def registry_ls(name: Optional[str] = typer.Argument(None, help="Only this name.")) -> None:
+def registry_ls(name: str | None = typer.Argument(None, help="Only this name.")) -> None:
     """List registry names, versions and aliases."""
     from runner.registry import ls_main
 

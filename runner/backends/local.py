@@ -57,7 +57,7 @@ class LocalHandle:
     def _copy_output(self) -> None:
         assert self.proc.stdout is not None
         out = sys.stdout.buffer if self.attach else None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr,attr-defined]
             self._log.write(chunk)
             self._log.flush()
             if out is not None:

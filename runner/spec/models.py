@@ -134,6 +134,12 @@ class DataSpec(Section):
         None, ge=1, description="Validate on at most this many questions (a fixed, seeded subset)."
     )
     seed: int = Field(0, description="Seed for shuffling and splitting.")
+    max_bad_rows: int = Field(
+        0,
+        ge=0,
+        description="Bad rows a source may have: more fails the job listing each FILE:LINE; up to this many are "
+        "skipped with a warning per row.",
+    )
     curriculum: Curriculum = Field(default_factory=Curriculum, description="Curriculum ordering and pacing.")
     replay: Replay = Field(default_factory=Replay, description="Replay buffer against forgetting.")
 
