@@ -136,7 +136,7 @@ def schema(kind: str | None = typer.Argument(None, help="Job kind (default: all 
     else:
         defs: dict[str, Any] = {}
         one_of = []
-        for k, m in JOB_MODELS.items():
+        for m in JOB_MODELS.values():
             s = m.model_json_schema(ref_template="#/$defs/{model}")
             defs.update(s.pop("$defs", {}))
             defs[m.__name__] = s
