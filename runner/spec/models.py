@@ -38,6 +38,19 @@ class Resources(Section):
     account: str | None = Field(None, description="Slurm account.")
     namespace: str = Field("default", description="Kubernetes namespace.")
     storage_class: str | None = Field(None, description="Kubernetes storage class for the run volume.")
+    storage_gb: int = Field(
+        500, ge=1, description="Kubernetes: size of the run volume (runs + model cache) the job claims, in GB."
+    )
+    volume_claim: str | None = Field(
+        None,
+        description="Kubernetes: an existing ReadWriteMany PersistentVolumeClaim for runs and cache; "
+        "default: the job creates `qa-runner-<namespace>-runs`.",
+    )
+    slurm_container: Literal["none", "apptainer", "pyxis"] = Field(
+        "none",
+        description="How Slurm runs the job: `none` (the project's .venv on shared storage), `apptainer` "
+        "(a .sif of the image) or `pyxis` (`srun --container-image`).",
+    )
 
 
 class Mount(Section):
