@@ -11,6 +11,8 @@ from pathlib import Path
 WORKLOADS = {
     "prepare": "runner.workloads.data",
     "train": "runner.workloads.train",
+    "serve": "runner.workloads.serve",
+    "tournament": "runner.workloads.tournament",
 }
 
 

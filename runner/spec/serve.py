@@ -1,0 +1,112 @@
+"""Job kind `serve`: the answer and question agents behind an HTTP service, and the agent settings it shares
+with the tournament."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section
+
+PROCEDURAL_TOPICS = ["seating_linear", "seating_circular", "blood_relations", "syllogisms", "alphanumeric_series"]
+QuestionSource = Literal["bank", "procedural", "model"]
+
+
+class AgentSource(Section):
+    """Where an agent's weights come from. With both `registry` and `model`, the registry version is used
+    when it exists and the job-local model otherwise (so a job works before anything is promoted)."""
+
+    model: ModelSpec | None = Field(None, description="A job-local base model (`tiny`, a local directory or a Hub id).")
+    adapter: str | None = Field(
+        None,
+        description="LoRA adapter on top of `model`: an adapter directory, a checkpoint directory, or a run "
+        "directory (its latest checkpoint).",
+    )
+    registry: str | None = Field(None, description="A promoted artifact: `NAME@alias` or `NAME:vN`.")
+
+    @model_validator(mode="after")
+    def _some_source(self) -> AgentSource:
+        if self.adapter is not None and self.model is None:
+            raise ValueError("`adapter` needs `model` (the base it was trained on)")
+        return self
+
+    def has_model(self) -> bool:
+        return self.model is not None or self.registry is not None
+
+
+class AnswerAgentSpec(Section):
+    permutations: int = Field(
+        0, ge=0, le=9, description="Extra passes over cyclic shifts of the choices, averaged (letter debiasing)."
+    )
+    deadline_s: float = Field(6.0, gt=0, description="Time per answer; when it runs short, answer with the passes done.")
+    batch_size: int = Field(32, ge=1, description="Questions per forward pass.")
+    reasoning: bool = Field(True, description="Add a one-sentence reasoning to each answer.")
+
+
+class QuestionAgentSpec(Section):
+    topics: list[str] = Field(
+        default_factory=lambda: list(PROCEDURAL_TOPICS), min_length=1, description="Topics the agent writes."
+    )
+    sources: dict[QuestionSource, float] = Field(
+        default_factory=lambda: {"procedural": 1.0},
+        description="Weight of each question source: `bank` (an MCQ file), `procedural` (generated logic "
+        "puzzles with verified keys), `model` (written by the LLM, kept only if the answer agent agrees).",
+    )
+    per_topic: dict[str, dict[QuestionSource, float]] = Field(
+        default_factory=dict, description="Source weights for particular topics (overrides `sources`)."
+    )
+    bank: list[DataSource] = Field(default_factory=list, description="MCQ sources for the `bank` source.")
+    prefer_hard: bool = Field(True, description="Use bank questions the own answer agent finds hardest first.")
+    time_limit_s: float = Field(10.0, gt=0, description="Time to write one question.")
+    seed: int = Field(0, description="Seed for choosing sources, puzzles and bank questions.")
+
+    @field_validator("bank", mode="before")
+    @classmethod
+    def _bank(cls, v: object) -> object:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()) or not any(w > 0 for w in v.values()):
+            raise ValueError("weights must be >= 0 with at least one > 0, e.g. {procedural: 1.0}")
+        return v
+
+
+class ServerSpec(Section):
+    host: str = Field("127.0.0.1", description="Address to listen on; loopback by default.")
+    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one (written to serve.json).")
+    token: str | None = Field(
+        None, description="Bearer token clients must send; write `${env:QA_TOKEN}` to keep it out of the file."
+    )
+    max_batch: int = Field(32, ge=1, description="Most questions answered in one forward pass.")
+    batch_window_ms: float = Field(
+        4.0, ge=0, description="How long the first queued request waits for others to share its forward pass."
+    )
+    queue_size: int = Field(256, ge=1, description="Requests waiting at most; beyond it the service answers 503.")
+    max_seconds: float | None = Field(None, gt=0, description="Stop serving after this long (tests, demos).")
+
+
+class ServeJob(JobBase, AgentSource):
+    kind: Literal["serve"] = Field(description="Serve the answer and question agents over HTTP.")
+    server: ServerSpec = Field(default_factory=ServerSpec, description="Listening address, auth, batching, queue.")
+    answer: AnswerAgentSpec = Field(default_factory=AnswerAgentSpec, description="Answer agent settings.")
+    question: QuestionAgentSpec = Field(default_factory=QuestionAgentSpec, description="Question agent settings.")
+    ensemble: list[AgentSource] = Field(
+        default_factory=list, description="More models whose letter probabilities are averaged with the main one."
+    )
+    device: str = Field("auto", description="Torch device: `auto` (a GPU when there is one), `cpu`, `cuda`, ...")
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> ServeJob:
+        if not self.has_model():
+            raise ValueError("a serve job needs `model` (e.g. {base: tiny}) or `registry` (e.g. qa-agent@champion)")
+        return self
+
+
+JOB_MODELS["serve"] = ServeJob
