@@ -37,8 +37,8 @@ def _seating_checker(q: dict) -> set[str]:
     """Every possible answer over all seatings consistent with the clues (a correct key gives one)."""
     sents = _sentences(q["question"])
     intro = sents[0]
-    circular = "circular table" in intro
-    names = re.findall(r"\b([A-Z])\b", intro.split(" sit ")[0].split(" ", 2)[2])
+    names = re.findall(r"\b([A-Z])\b", intro.split(" sit ")[0])
+    circular = "round table" in intro
     assert "facing the centre" in intro if circular else "facing north" in intro
     n = len(names)
     *clues, query = sents[1:]
@@ -203,7 +203,7 @@ def _blood_checker(q: dict) -> str:
 
 
 def _syllogism_checker(q: dict) -> str:
-    m = re.fullmatch(r"Statements: (.*) Conclusions: I\. (.*) II\. (.*) Which conclusion\(s\) follow from the statements\?",
+    m = re.fullmatch(r"Statements: (.*) Conclusions: I\. (.*) II\. (.*) Which conclusions follow\?",
                      q["question"])
     assert m, q["question"]
     stmt = re.compile(r"(All|No|Some) (\w+) are (not )?(\w+)\.")
@@ -233,8 +233,8 @@ def _syllogism_checker(q: dict) -> str:
     assert ok, "premises contradict each other"
     f1 = all(holds(c1.groups(), w) for w in ok)
     f2 = all(holds(c2.groups(), w) for w in ok)
-    return {(True, False): "Only I follows", (False, True): "Only II follows",
-            (True, True): "Both I and II follow", (False, False): "Neither I nor II follows"}[(f1, f2)]
+    return {(True, False): "Only I", (False, True): "Only II", (True, True): "Both I and II",
+            (False, False): "Neither I nor II"}[(f1, f2)]
 
 
 # --- series -----------------------------------------------------------------------------------------

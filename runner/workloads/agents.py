@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -274,7 +275,8 @@ class QuestionAgent:
         order = [first] + [s for s, _ in usable if s != first]
         for src in order:
             # Model writing is the slow source: leave it once the time is mostly spent.
-            tries = 3 if src == "model" else 20
+            # Procedural puzzles vary in length: a model with a wordy tokenizer needs a few draws to fit.
+            tries = 3 if src == "model" else 50
             for _ in range(tries):
                 if src == "model" and time.monotonic() > deadline - 1.0:
                     break
@@ -372,3 +374,55 @@ class QuestionAgent:
         a = self.answer_agent.answer(q["question"], q["choices"])
         return bool(a["answer"] == q["answer"])
 
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> str:
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_adapter(path: Path) -> Path:
+    """An adapter directory from an adapter, checkpoint or run directory (a run: its latest checkpoint)."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    steps = sorted((path / "checkpoints").glob("step-*/adapter/adapter_config.json"))
+    if steps:
+        return steps[-1].parent
+    raise FileNotFoundError(
+        f"adapter {path}: no adapter_config.json there, in {path}/adapter/ or in {path}/checkpoints/step-*/adapter/; "
+        "point `adapter` at a run directory, a checkpoint, or an adapter directory"
+    )
+
+
+def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
+    the job-local model (+ adapter)."""
+    if source.registry is not None:
+        from runner.registry import RegistryError
+        from runner.workloads.artifact import load_artifact
+
+        try:
+            model, tok, manifest = load_artifact(source.registry, device)
+            return model, tok, f"{manifest.get('name', source.registry)}:v{manifest.get('version', '?')}"
+        except RegistryError as e:
+            if source.model is None:
+                raise
+            log(f"registry {source.registry} not used ({e}); using the job-local model {source.model.base}")
+    if source.model is None:
+        raise ValueError("no model: give `model` or `registry`")
+    from runner.workloads.modeling import load_adapter, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(source.model, device, log=log)
+    desc = str(source.model.base)
+    if source.adapter is not None:
+        adapter = find_adapter(Path(source.adapter))
+        model = load_adapter(model, adapter, trainable=False)
+        model.eval()
+        desc += f" + {adapter}"
+    return model, tok, desc

@@ -25,7 +25,6 @@ TOPICS = (SEATING_LINEAR, SEATING_CIRCULAR, BLOOD_RELATIONS, SYLLOGISMS, SERIES)
 
 # Person names are single letters that never collide with the choice letters A-D.
 NAME_POOL = "JKLMNPQRSTUVWXYZ"
-COUNT_WORDS = {3: "Three", 4: "Four", 5: "Five", 6: "Six", 7: "Seven", 8: "Eight"}
 ORDINALS = {1: "first", 2: "second", 3: "third", 4: "fourth"}
 
 
@@ -266,7 +265,7 @@ def _seating(rng: random.Random, circular: bool) -> Puzzle:
             qtext = f"Who sits second to the {side} of {names[x]}?"
         direct = {c for c in true_clues if {answer, x} <= set(c[1:4] if c[0] == "between" else c[1:3])
                   and c[0] in (qkind, "opposite", "imm", "kth")}
-        intro = (f"{COUNT_WORDS[n]} friends {_names(names)} sit around a circular table, all facing the centre.")
+        intro = f"{_names(names)} sit around a round table facing the centre."
     else:
         qkind = rng.choice(["end", "nth", "imm", "middle"] if n % 2 else ["end", "nth", "imm"])
         side = rng.choice(["left", "right"])
@@ -298,7 +297,7 @@ def _seating(rng: random.Random, circular: bool) -> Puzzle:
             assert answer is not None
             qtext = f"Who sits immediately to the {side} of {names[x]}?"
             direct = {c for c in true_clues if c[0] == "imm" and {c[1], c[2]} == {x, answer}}
-        intro = f"{COUNT_WORDS[n]} people {_names(names)} sit in a row, all facing north."
+        intro = f"{_names(names)} sit in a row facing north."
 
     pool = [c for c in true_clues if c not in direct]
     rng.shuffle(pool)
@@ -410,7 +409,7 @@ NOUNS = [
     "doors", "chairs", "kites", "boxes", "roses", "ships", "bells", "shoes", "cakes", "keys", "bats",
 ]
 FORMS = ("all", "no", "some", "some_not")
-SYLLOGISM_CHOICES = ["Only I follows", "Only II follows", "Both I and II follow", "Neither I nor II follows"]
+SYLLOGISM_CHOICES = ["Only I", "Only II", "Both I and II", "Neither I nor II"]
 
 
 def statement_text(form: str, a: str, b: str) -> str:
@@ -473,10 +472,10 @@ def syllogism(rng: random.Random) -> Puzzle:
         break
     ptext = " ".join(statement_text(f, terms[a], terms[b]) for f, a, b in premises)
     ctext = f"I. {statement_text(c1[0], terms[c1[1]], terms[c1[2]])} II. {statement_text(c2[0], terms[c2[1]], terms[c2[2]])}"
-    question = f"Statements: {ptext} Conclusions: {ctext} Which conclusion(s) follow from the statements?"
+    question = f"Statements: {ptext} Conclusions: {ctext} Which conclusions follow?"
     verdict = lambda ok: "must be true" if ok else "need not be true"  # noqa: E731
     expl = (f"In every Venn diagram where both statements hold, conclusion I {verdict(f1)} and conclusion II "
-            f"{verdict(f2)}. So: {SYLLOGISM_CHOICES[target]}.")
+            f"{verdict(f2)}. So: {SYLLOGISM_CHOICES[target]} follows.")
     return Puzzle(SYLLOGISMS, question, list(SYLLOGISM_CHOICES), target, expl,
                   {"terms": terms, "premises": premises, "conclusions": [c1, c2]})
 

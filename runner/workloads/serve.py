@@ -1,0 +1,385 @@
+"""The agents' HTTP service (job kind `serve`): FastAPI behind uvicorn, with concurrent answer requests
+micro-batched into one forward pass, a bounded queue (503 + Retry-After when full) and per-request deadlines
+that return the agent's fallback answer instead of hanging.
+
+    POST /v1/answer    {"question", "choices"} or a list of them -> {"answer", "reasoning", "confidence"} (or a list)
+    POST /v1/question  {"topic"?, "n"?} -> {"questions": [...]} in the tournament's format
+    GET  /healthz      liveness, model, queue depth and batching counters
+    GET  /docs         OpenAPI docs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field, field_validator
+
+from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
+from runner.workloads.prompts import LETTERS, strip_choice_prefix
+
+DEADLINE_GRACE_S = 0.25  # a forward pass already running when the deadline passes may finish this much later
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class _Entry:
+    items: list[AnswerItem]
+    deadline: float
+    future: concurrent.futures.Future[list[dict[str, Any]]]
+
+
+def _settle(fut: concurrent.futures.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    # The waiting request may have given up (deadline) and cancelled the future; that is not an error here.
+    try:
+        if not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class MicroBatcher:
+    """One worker thread that gathers queued requests into one forward pass.
+
+    The first waiting request holds the batch open for at most `window_s` (or until `max_batch` questions);
+    requests that arrive while a pass runs are all taken by the next one, so under load batches fill up
+    without waiting. Requests whose deadline passed while queued get the agent's fallback answer.
+    """
+
+    def __init__(self, agent: AnswerAgent, *, max_batch: int = 32, window_s: float = 0.004, queue_size: int = 256):
+        self.agent = agent
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.queue: queue.Queue[_Entry] = queue.Queue(maxsize=queue_size)
+        self.batches = 0
+        self.items = 0
+        self.fallbacks = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MicroBatcher:
+        self._thread = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, items: list[AnswerItem], deadline: float) -> concurrent.futures.Future[list[dict[str, Any]]]:
+        fut: concurrent.futures.Future[list[dict[str, Any]]] = concurrent.futures.Future()
+        try:
+            self.queue.put_nowait(_Entry(items, deadline, fut))
+        except queue.Full:
+            raise QueueFull from None
+        return fut
+
+    def _gather(self, first: _Entry) -> list[_Entry]:
+        batch, n = [first], len(first.items)
+        until = time.monotonic() + self.window_s
+        while n < self.max_batch:
+            try:
+                e = self.queue.get_nowait()
+            except queue.Empty:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    e = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            batch.append(e)
+            n += len(e.items)
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = self._gather(first)
+            now = time.monotonic()
+            live = []
+            for e in batch:
+                if e.future.done():
+                    continue
+                if e.deadline <= now:
+                    self.fallbacks += len(e.items)
+                    _settle(e.future, [self.agent.fallback(it, "deadline passed in the queue") for it in e.items])
+                else:
+                    live.append(e)
+            if not live:
+                continue
+            items = [it for e in live for it in e.items]
+            try:
+                answers = self.agent.answer_many(items, min(e.deadline for e in live))
+            except Exception as ex:  # a bad batch must not kill the worker; each request gets the error
+                for e in live:
+                    _settle(e.future, error=ex)
+                continue
+            self.batches += 1
+            self.items += len(items)
+            i = 0
+            for e in live:
+                _settle(e.future, answers[i : i + len(e.items)])
+                i += len(e.items)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------
+
+
+class AnswerRequest(BaseModel):
+    question: str = Field(min_length=1, description="The question text.")
+    choices: list[str] = Field(
+        min_length=2, max_length=len(LETTERS), description="2-10 choices, with or without 'A) ' prefixes."
+    )
+    deadline_s: float | None = Field(None, gt=0, le=120, description="Answer within this many seconds.")
+
+    @field_validator("question")
+    @classmethod
+    def _q(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question is blank")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _c(cls, v: list[str]) -> list[str]:
+        for i, c in enumerate(v):
+            if not strip_choice_prefix(c):
+                raise ValueError(f"choice {i + 1} has no text")
+        return v
+
+
+class AnswerResponse(BaseModel):
+    answer: str = Field(description="One letter, always one of the question's choices.")
+    reasoning: str = Field(description="At most 100 words.")
+    confidence: float = Field(description="Probability of the chosen letter.")
+
+
+class QuestionRequest(BaseModel):
+    topic: str | None = Field(None, description="Topic; omitted: the agent's topics in turn.")
+    n: int = Field(1, ge=1, le=100, description="How many questions.")
+
+
+class Question(BaseModel):
+    topic: str
+    question: str
+    choices: list[str]
+    answer: str
+    explanation: str
+
+
+class QuestionResponse(BaseModel):
+    questions: list[Question]
+
+
+def create_app(
+    answer_agent: AnswerAgent,
+    batcher: MicroBatcher,
+    question_agent: QuestionAgent | None = None,
+    *,
+    token: str | None = None,
+    model_name: str = "",
+) -> FastAPI:
+    app = FastAPI(
+        title="qa-runner agents",
+        description="Answer agent and question agent in the tournament's formats.",
+        version="1",
+    )
+    q_lock = threading.Lock()
+
+    async def auth(request: Request) -> None:
+        if token is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {token}":
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "queue": batcher.queue.qsize(),
+            "batches": batcher.batches,
+            "answered": batcher.items,
+            "fallbacks": batcher.fallbacks,
+        }
+
+    @app.post("/v1/answer", dependencies=[Depends(auth)])
+    async def answer(
+        body: AnswerRequest | Annotated[list[AnswerRequest], Field(min_length=1, max_length=256)],
+    ) -> AnswerResponse | list[AnswerResponse]:
+        reqs = body if isinstance(body, list) else [body]
+        items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
+        limit = min((r.deadline_s or answer_agent.deadline_s) for r in reqs)
+        deadline = time.monotonic() + limit
+        try:
+            fut = batcher.submit(items, deadline)
+        except QueueFull:
+            raise HTTPException(503, "the answer queue is full; retry shortly", headers={"Retry-After": "1"}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=limit + DEADLINE_GRACE_S)
+        except TimeoutError:
+            batcher.fallbacks += len(items)
+            results = [answer_agent.fallback(it, "deadline passed") for it in items]
+        out = [AnswerResponse(**r) for r in results]
+        return out if isinstance(body, list) else out[0]
+
+    @app.post("/v1/question", dependencies=[Depends(auth)])
+    async def question(body: QuestionRequest) -> QuestionResponse:
+        if question_agent is None:
+            raise HTTPException(404, "this service has no question agent")
+
+        def make() -> list[dict[str, Any]]:
+            with q_lock:
+                return question_agent.generate(body.topic, body.n)
+
+        try:
+            qs = await run_in_threadpool(make)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        except RuntimeError as e:
+            raise HTTPException(500, str(e)) from None
+        return QuestionResponse(questions=[Question(**q) for q in qs])
+
+    return app
+
+
+# --- the job ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_agents(spec: Any, log: Any = print) -> tuple[AnswerAgent, QuestionAgent, str]:
+    """Answer and question agents from a serve job's spec (or anything with the same fields)."""
+    from runner.workloads.agents import load_source, pick_device
+    from runner.workloads.format_filter import token_counter
+
+    device = pick_device(getattr(spec, "device", "auto"))
+    model, tok, desc = load_source(spec, device, log)
+    members = [(model, tok)]
+    for extra in getattr(spec, "ensemble", []):
+        m, t, d = load_source(extra, device, log)
+        members.append((m, t))
+        desc += f" + {d}"
+    a = spec.answer
+    agent = AnswerAgent(members, permutations=a.permutations, deadline_s=a.deadline_s, batch_size=a.batch_size,
+                        reasoning=a.reasoning)
+    qa = question_agent_from_spec(spec.question, agent, (model, tok), token_counter(tok))
+    return agent, qa, desc
+
+
+def question_agent_from_spec(q: Any, answer_agent: AnswerAgent | None, writer: tuple[Any, Any] | None,
+                             count: Any) -> QuestionAgent:
+    bank = []
+    if q.bank and (q.sources.get("bank", 0) > 0 or any(w.get("bank", 0) > 0 for w in q.per_topic.values())):
+        from runner.workloads.data import load_sources
+
+        bank = load_sources(q.bank, seed=q.seed, max_bad_rows=10**9)
+    return QuestionAgent(
+        topics=q.topics, mix=dict(q.sources), per_topic={k: dict(v) for k, v in q.per_topic.items()}, bank=bank,
+        answer_agent=answer_agent, writer=writer, count_tokens=count, prefer_hard=q.prefer_hard,
+        time_limit_s=q.time_limit_s, seed=q.seed,
+    )
+
+
+def resolve_token(value: str | None) -> str | None:
+    """The bearer token; `${env:X}` left in a job file copied verbatim (the serving image) is read now. Empty: none."""
+    if value is None:
+        return None
+    from runner.spec.loader import ENV_RE
+
+    value = ENV_RE.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    return value or None
+
+
+def run(job: Any, run_dir: Path) -> int:
+    import uvicorn
+
+    spec = job.spec
+    srv = spec.server
+    try:
+        agent, qagent, desc = build_agents(spec)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    batcher = MicroBatcher(agent, max_batch=srv.max_batch, window_s=srv.batch_window_ms / 1000,
+                           queue_size=srv.queue_size).start()
+    token = resolve_token(srv.token)
+    app = create_app(agent, batcher, qagent, token=token, model_name=desc)
+    try:
+        sock = bind(srv.host, srv.port)
+    except OSError as e:
+        print(f"error: cannot listen on {srv.host}:{srv.port}: {e.strerror}; pick another server.port (0 = any free)")
+        return 1
+    url = url_of(sock)
+    atomic_write_json(run_dir / "serve.json", {
+        "url": url, "host": sock.getsockname()[0], "port": sock.getsockname()[1], "pid": os.getpid(),
+        "model": desc, "auth": token is not None, "started": time.time(),
+    })
+    print(f"serving {desc} at {url} (docs: {url}/docs)", flush=True)
+
+    signals: list[int] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            signals.append(sig)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    if srv.max_seconds is not None:
+        timer = threading.Timer(srv.max_seconds, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        batcher.stop()
+        sock.close()
+    print(f"stopped after answering {batcher.items} questions in {batcher.batches} batches", flush=True)
+    if any(s in (signal.SIGTERM, signal.SIGINT) for s in signals):
+        return 130
+    return 0
