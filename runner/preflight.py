@@ -170,6 +170,8 @@ class Arch:
     experts_per_tok: int = 0
     moe_intermediate: int = 0
     source: str = "built-in table"
+    params_override: int = 0  # a stated parameter count (model.params_b) wins over the shape's
+
 
     @property
     def hd(self) -> int:
@@ -192,6 +194,8 @@ class Arch:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     def params(self) -> int:
+        if self.params_override:
+            return self.params_override
         return self.layers * self.layer_params() + self.embedding_params() + self.hidden
 
     def active_intermediate(self) -> int:
@@ -325,7 +329,7 @@ def model_arch(model: Any, workdir: str = ".") -> Arch | None:
         h = int(round((100 * p / 12) ** (1 / 3) / 128) * 128) or 128
         L = max(1, round(p / (12 * h * h)))
         return Arch(f"{model.params_b:g}B (model.params_b)", h, L, max(1, h // 128), max(1, h // 1024), 4 * h,
-                    152064, False, source="model.params_b (shape approximated)")
+                    152064, False, source="model.params_b (shape approximated)", params_override=int(p))
     return None
 
 
@@ -473,7 +477,8 @@ class Report:
             head = f"FITS on {self.capacity_label} ({((self.capacity_bytes or 0) - self.total_bytes) / GiB:.1f} GiB spare)"
         else:
             w = self.components[0].bytes
-            head = (f"DOES NOT FIT: needs {self.total_bytes / GiB:.1f} GiB per GPU, {self.capacity_label} has "
+            per = " per GPU" if self.setup is not None and self.setup.gpus > 0 and "CPU" not in self.capacity_label else ""
+            head = (f"DOES NOT FIT: needs {self.total_bytes / GiB:.1f} GiB{per}, {self.capacity_label} has "
                     f"{(self.capacity_bytes or 0) / GiB:.1f} GiB (the {self.components[0].name} alone take "
                     f"{w / GiB:.1f} GiB)")
         if self.errors:
@@ -617,7 +622,8 @@ def suggest(arch: Arch, s: Setup, cap: float, gpu_label: str, max_gpus: int = 64
             out.append(f"resources.gpus: {n} x {gpu_label} with the base sharded by FSDP ({t(m)})")
             break
     else:
-        out.append(f"not even {max_gpus} x {gpu_label} at this micro-batch")
+        if max_gpus > 1:
+            out.append(f"not even {max_gpus} x {gpu_label} at this micro-batch")
     family = re.sub(r"-[\d.]+b.*$", "", arch.name.lower())
     smaller = sorted((a for a in KNOWN.values() if a.name.lower().startswith(family) and a.params() < arch.params()),
                      key=lambda a: -a.params())
@@ -672,7 +678,7 @@ def preflight(job: Job, plan: Plan | None = None, hardware: Hardware | None = No
     rep.components = estimate(arch, rep.setup)
     if rep.fits is False and rep.capacity_bytes:
         label = gpu_type if gpu_type != "auto" else "GPU"
-        rep.suggestions = suggest(arch, rep.setup, rep.capacity_bytes, label)
+        rep.suggestions = suggest(arch, rep.setup, rep.capacity_bytes, label, max_gpus=64 if gpus > 0 else 0)
     return rep
 
 

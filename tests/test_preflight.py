@@ -1,0 +1,151 @@
+"""Preflight: the memory model against known sizes and measured peaks, verdicts, and the run gate."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import preflight as pf
+from runner.backends.base import EnvironmentProblem
+from runner.preflight import KNOWN, GiB, Hardware, Setup, allocated, estimate, known_key, total
+from runner.spec import load_job
+from tests.conftest import ROOT, run_cli
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NO_HW = Hardware(host_memory_bytes=16 * GiB)
+
+
+@pytest.mark.parametrize(
+    ("base", "key", "params_b"),
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-0.5b", 0.494),
+        ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b", 7.62),
+        ("Qwen/Qwen2.5-72B-Instruct", "qwen2.5-72b", 72.7),
+        ("Qwen/Qwen3-8B", "qwen3-8b", 8.19),
+        ("Qwen/Qwen3-235B-A22B", "qwen3-235b-a22b", 235.1),
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507", "qwen3-235b-a22b", 235.1),
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b", 8.03),
+        ("meta-llama/Meta-Llama-3-70B-Instruct", "llama-3.1-70b", 70.55),
+        ("meta-llama/Llama-3.2-1B", "llama-3.2-1b", 1.24),
+    ],
+)
+def test_param_counts_match_published_sizes(base: str, key: str, params_b: float) -> None:
+    assert known_key(base) == key
+    assert KNOWN[key].params() / 1e9 == pytest.approx(params_b, rel=0.01)
+
+
+def test_72b_weights_and_verdict_on_one_mi300x() -> None:
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"))
+    rep = pf.preflight(job, hardware=NO_HW)
+    weights = rep.components[0]
+    assert weights.name == "weights (bf16)"
+    assert weights.bytes == pytest.approx(72.7e9 * 2, rel=0.03)
+    assert rep.setup is not None and rep.setup.gradient_checkpointing
+    assert rep.fits is True and rep.ok
+    assert rep.total_bytes <= 192 * GiB
+    assert "FITS on 1 x mi300x" in rep.render()
+    # Without gradient checkpointing the same job cannot fit, and preflight says what would.
+    job2 = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["model.gradient_checkpointing=false"])
+    rep2 = pf.preflight(job2, hardware=NO_HW)
+    assert rep2.fits is False
+    assert any(s.startswith("model.gradient_checkpointing: true") for s in rep2.suggestions)
+
+
+def test_235b_is_rejected_with_numbers_and_alternatives() -> None:
+    p = run_cli("preflight", "jobs/train-235b.yaml")
+    assert p.returncode == 3, p.stdout + p.stderr
+    out = p.stdout
+    assert "DOES NOT FIT" in out
+    assert "470.2 GB" in out  # the bf16 weights alone
+    assert "235.09 B params" in out
+    assert "resources.gpus:" in out and "a smaller model: Qwen3-" in out
+
+
+def test_preflight_cli_is_fast_and_never_imports_torch() -> None:
+    t0 = time.monotonic()
+    p = run_cli("preflight", "jobs/train-72b.yaml")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 10
+    assert "hardware here:" in p.stdout and "weights (bf16)" in p.stdout
+    code = "import sys, runner.preflight as p; p.probe_hardware(docker=False); print('torch' in sys.modules)"
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# Measured on one H200 with the plain HF + PEFT loop (LoRA r=16 on all seven projections, bf16, SDPA);
+# torch.cuda.max_memory_allocated in GiB, from BENCHMARKS.md.
+MEASURED = [
+    ("qwen2.5-0.5b", 4 * 4096, False, 64.0),
+    ("qwen2.5-7b", 2 * 4096, False, 100.0),
+    ("qwen2.5-7b", 8 * 1024, False, 100.0),
+    ("qwen2.5-7b", 4 * 4096, True, 46.0),
+]
+
+
+@pytest.mark.parametrize(("key", "tokens", "gc", "peak_gib"), MEASURED)
+def test_memory_model_within_15_percent_of_measured_peaks(key: str, tokens: int, gc: bool, peak_gib: float) -> None:
+    est = allocated(estimate(KNOWN[key], Setup("bf16", tokens, gc, 16, ALL, 0.0, 1)))
+    assert est / GiB == pytest.approx(peak_gib, rel=0.15)
+
+
+@pytest.mark.parametrize(("key", "batch", "peak_gib"), [("qwen2.5-0.5b", 16, 45.0), ("qwen2.5-7b", 8, 68.0)])
+def test_padded_batches_are_bounded_by_the_worst_case(key: str, batch: int, peak_gib: float) -> None:
+    # Padded batches were at most 1024 tokens long: the estimate at max_seq_len is an upper bound.
+    est = allocated(estimate(KNOWN[key], Setup("bf16", batch * 1024, False, 16, ALL, 0.0, 1)))
+    assert est / GiB >= peak_gib
+
+
+def test_sharding_over_more_gpus_divides_the_weights() -> None:
+    a = KNOWN["qwen3-235b-a22b"]
+    one = estimate(a, Setup("bf16", 4096, True, 16, ALL, 0.0, 1))
+    four = estimate(a, Setup("bf16", 4096, True, 16, ALL, 0.0, 4))
+    assert four[0].bytes == pytest.approx(one[0].bytes / 4)
+    assert total(four) < 192 * GiB < total(one)
+
+
+def test_known_broken_rocm_combinations_are_errors() -> None:
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["model.attn_implementation=flash_attention_2"])
+    rep = pf.preflight(job, hardware=NO_HW)
+    assert not rep.ok
+    assert any("flash-attn has no prebuilt ROCm 6.2 wheel" in e for e in rep.errors)
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["image=cuda"])
+    assert any("cannot drive a mi300x" in e for e in pf.preflight(job, hardware=NO_HW).errors)
+
+
+def test_config_json_in_the_hf_cache_wins_over_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = tmp_path / "hub" / "models--acme--Widget-3B" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 10, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000, "tie_word_embeddings": False,
+    }))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["model.base=acme/Widget-3B"])
+    rep = pf.preflight(job, hardware=NO_HW)
+    assert rep.arch is not None and "config.json" in rep.arch.source
+    assert rep.arch.params() == 10 * (2048 * 2048 * 2 + 2 * 2048 * 512 + 3 * 2048 * 5632 + 2 * 2048) + 2 * 32000 * 2048 + 2048
+
+
+def test_unknown_model_asks_for_params_b_and_params_b_gives_an_estimate() -> None:
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["model.base=acme/mystery"])
+    rep = pf.preflight(job, hardware=NO_HW)
+    assert rep.fits is None and any("model.params_b" in w for w in rep.warnings)
+    job = load_job(str(ROOT / "jobs" / "train-72b.yaml"), ["model.base=acme/mystery", "model.params_b=70"])
+    rep = pf.preflight(job, hardware=NO_HW)
+    assert rep.components[0].bytes == pytest.approx(140e9, rel=0.1)
+
+
+def test_gate_refuses_a_job_that_cannot_fit_unless_forced() -> None:
+    from runner.plan import render_plan
+
+    job = load_job(str(ROOT / "jobs" / "train-235b.yaml"), backend="local")
+    plan = render_plan(job, "local")
+    with pytest.raises(EnvironmentProblem, match=r"DOES NOT FIT.*437\.9 GiB"):
+        pf.gate(job, plan)
+    assert pf.gate(job, plan, force=True) is None
