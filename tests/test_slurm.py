@@ -1,0 +1,302 @@
+"""Slurm backend: rendering and preflight as units, then submit/poll/cancel/requeue against the real cluster.
+
+The cluster tests need a Slurm controller; as root they start the single-node one with .ci/slurm-up.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.backends import EnvironmentProblem, get_backend
+from runner.backends.slurm import SlurmNode, gres_gpus, job_info, map_state, multinode_argv, preflight
+from runner.plan import Plan, render_plan
+from runner.runs import Run, RunStore
+from runner.spec import job_from_data, load_job
+from tests.conftest import ROOT, run_cli
+
+JOB_4NODE = ROOT / "jobs" / "train-72b-4node.yaml"
+
+# A stand-in for the trainer with the same contract: resumes from the last complete checkpoint, checkpoints
+# every 5 steps (temp name, then rename), and on SIGTERM saves a checkpoint and exits 130.
+FAKE_TRAINER = r"""#!/usr/bin/env bash
+set -u
+ck="$RUNNER_RUN_DIR/checkpoints"
+mkdir -p "$ck"
+last=$(ls "$ck" | grep '^step-[0-9]*$' | sort | tail -n 1)
+step=${last#step-}
+step=$((10#${step:-0}))
+echo "trainer: rank ${RUNNER_NODE_RANK} of ${RUNNER_NNODES} (master ${RUNNER_MASTER_ADDR}:${RUNNER_MASTER_PORT}) from step $step"
+save() {
+    d="$ck/step-$(printf %08d "$step")"
+    [ -d "$d" ] && return
+    mkdir -p "$d.tmp" && echo "$step" > "$d.tmp/state" && sleep "${SAVE_S:-0}" && mv "$d.tmp" "$d"
+}
+trap 'echo "trainer: SIGTERM at step $step, saving"; save; echo "trainer: saved step $step"; exit 130' TERM
+while [ "$step" -lt "$STEPS" ]; do
+    sleep "$STEP_S" & wait $!
+    step=$((step + 1))
+    echo "step $step"
+    [ $((step % 5)) = 0 ] && save
+done
+save
+echo "trainer: done at step $step"
+"""
+
+
+# --- units: no cluster needed ------------------------------------------------------------------------
+
+
+def _job(name: str = "slurm-unit", **resources: Any) -> Any:
+    return job_from_data({
+        "kind": "prepare", "name": name, "backend": "slurm", "data": {"train": "builtin:mcq"},
+        "resources": {"cpus": 1, "memory_gb": 1, **resources},
+    })
+
+
+def test_states_map_to_run_states() -> None:
+    assert map_state("PENDING", None) == ("pending", None)
+    assert map_state("PENDING", None, restarts=1) == ("running", None)  # requeued: resumes later
+    assert map_state("RUNNING", None) == ("running", None)
+    assert map_state("COMPLETING", 0) == ("running", None)
+    assert map_state("COMPLETED", 0) == ("succeeded", 0)
+    assert map_state("FAILED", 130) == ("cancelled", 130)  # the workload checkpointed on SIGTERM
+    assert map_state("FAILED", 1) == ("failed", 1)
+    assert map_state("CANCELLED by 0", None) == ("cancelled", 130)
+    assert map_state("TIMEOUT", None) == ("failed", 1)
+    assert map_state("OUT_OF_MEMORY", 137) == ("failed", 137)
+
+
+def test_gres_gpu_counts() -> None:
+    assert gres_gpus("(null)") == 0
+    assert gres_gpus("gpu:8") == 8
+    assert gres_gpus("gpu:mi300x:8(S:0-1)") == 8
+    assert gres_gpus("nvme:1,gpu:a100:4") == 4
+
+
+def test_preflight_refuses_more_nodes_than_the_partition_has() -> None:
+    plan = render_plan(_job(nodes=2), "slurm")
+    nodes = [SlurmNode("vm", ("debug*",), 2, 23000, 0, "idle")]
+    with pytest.raises(EnvironmentProblem) as e:
+        preflight(plan, nodes)
+    msg = str(e.value)
+    assert "resources.nodes=2" in msg and "'debug' has 1 node(s)" in msg and "wait forever" in msg
+    preflight(render_plan(_job(nodes=1), "slurm"), nodes)  # one node fits
+
+
+def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
+    plan = render_plan(_job(nodes=2, gpus=8, cpus=None, memory_gb=None), "slurm")
+    nodes = [SlurmNode("g1", ("gpu",), 128, 2_000_000, 8, "idle"), SlurmNode("g2", ("gpu",), 128, 2_000_000, 8, "down*"),
+             SlurmNode("c1", ("cpu*",), 64, 500_000, 0, "idle")]
+    with pytest.raises(EnvironmentProblem, match="partition 'cpu'"):
+        preflight(plan, nodes)  # the default partition has no GPUs
+    with pytest.raises(EnvironmentProblem, match="2 node\\(s\\), 1 up"):
+        preflight(replace(plan, resources=plan.resources.model_copy(update={"partition": "gpu"})), nodes)
+    with pytest.raises(EnvironmentProblem, match="no partition 'big'"):
+        preflight(replace(plan, resources=plan.resources.model_copy(update={"partition": "big"})), nodes)
+
+
+def test_multinode_argv_adds_rank_flags_once() -> None:
+    argv = ["accelerate", "launch", "--config_file", "x.yaml", "-m", "runner.workloads"]
+    out = multinode_argv(argv)
+    assert out[:8] == ["accelerate", "launch", "--machine_rank", "${RUNNER_NODE_RANK}", "--main_process_ip",
+                       "${RUNNER_MASTER_ADDR}", "--main_process_port", "${RUNNER_MASTER_PORT}"]
+    assert multinode_argv(out) == out
+    assert multinode_argv(["python", "-m", "runner.workloads"]) == ["python", "-m", "runner.workloads"]
+
+
+def test_4node_plan_gives_each_node_its_rank() -> None:
+    p = run_cli("plan", str(JOB_4NODE), "--backend", "slurm", check=True)
+    out = p.stdout
+    sbatch = out[out.index("# file: plan/sbatch.sh"):]
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"):
+        assert line in sbatch
+    assert "srun --nodes=4 --ntasks-per-node=1" in sbatch
+    assert 'RUNNER_NODE_RANK="${SLURM_NODEID}"' in sbatch
+    assert "scontrol show hostnames" in sbatch
+    entry = out[out.index("# file: plan/entrypoint.sh"):]
+    assert '--machine_rank "${RUNNER_NODE_RANK}" --main_process_ip "${RUNNER_MASTER_ADDR}"' in entry
+    accel = out[out.index("# file: plan/accelerate.yaml"):]
+    assert "num_machines: 4" in accel and "num_processes: 32" in accel and "FSDP" in accel
+
+
+def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
+    job = load_job(JOB_4NODE, [], "slurm")
+    plan = render_plan(job, "slurm")
+    for name in ("sbatch.sh", "entrypoint.sh"):
+        f = tmp_path / name
+        f.write_text(plan.files[name])
+        subprocess.run(["bash", "-n", str(f)], check=True)
+
+
+def test_secrets_stay_out_of_the_script(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    job = load_job(JOB_4NODE, [], "slurm")
+    text = render_plan(job, "slurm").files["sbatch.sh"]
+    assert "hf_secret_value" not in text
+    assert "# HF_TOKEN: a secret" in text
+
+
+def test_no_sbatch_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(EnvironmentProblem, match="no Slurm client"):
+        get_backend("slurm").check(render_plan(_job(), "slurm"))
+
+
+# --- the real cluster --------------------------------------------------------------------------------
+
+
+def _controller_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    if _controller_answers():
+        return
+    up = ROOT / ".ci" / "slurm-up.sh"
+    if os.geteuid() != 0:
+        pytest.skip("no Slurm controller answers and starting one (.ci/slurm-up.sh) needs root")
+    p = subprocess.run(["bash", str(up)], capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 or not _controller_answers():
+        pytest.skip(f"no Slurm cluster could be started: {p.stderr.strip()[-300:]}")
+
+
+def _start_fake(name: str, steps: int, step_s: float, save_s: float = 0.0) -> tuple[Plan, Run, Any]:
+    job = job_from_data({
+        "kind": "prepare", "name": name, "backend": "slurm", "data": {"train": "builtin:mcq"},
+        "resources": {"cpus": 1, "memory_gb": 1},
+        "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
+    })
+    plan = render_plan(job, "slurm")
+    plan = replace(plan, files={**plan.files, "entrypoint.sh": FAKE_TRAINER})
+    backend = get_backend("slurm")
+    backend.check(plan)
+    run = RunStore().create(job, plan)
+    run.set_state("running")
+    handle = backend.start(plan, run, attach=False)
+    return plan, run, handle
+
+
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slurm
+def test_submit_follow_and_succeed(slurm_cluster: None) -> None:
+    _, run, handle = _start_fake("slurm-ok", steps=6, step_s=0.1)
+    job_id = run.status()["backend_ref"]["slurm_job_id"]
+    assert job_id.isdigit()
+    assert handle.wait() == 0
+    log = run.log_path.read_text()
+    assert f"slurm: job {job_id}" in log and "trainer: rank 0 of 1" in log and "trainer: done at step 6" in log
+    assert [c.name for c in run.checkpoints()] == ["step-00000005", "step-00000006"]
+    assert get_backend("slurm").poll(run) == ("succeeded", 0)
+
+
+@pytest.mark.slurm
+def test_cancel_lets_the_workload_checkpoint_first(slurm_cluster: None) -> None:
+    # Saving takes 3 s: the cancel must wait for it rather than kill the job mid-write.
+    _, run, handle = _start_fake("slurm-cancel", steps=10_000, step_s=0.2, save_s=3)
+    backend = get_backend("slurm")
+    _wait_for(lambda: "step 7" in run.log_path.read_text(), 60, "the job to run")
+    result: dict[str, int] = {}
+    waiter = threading.Thread(target=lambda: result.update(code=handle.wait()))
+    waiter.start()
+    backend.cancel(run, grace_s=30)  # as `runner cancel` does, from any process
+    waiter.join(60)
+    assert result.get("code") == 130
+    assert backend.poll(run) == ("cancelled", 130)
+    log = run.log_path.read_text()
+    assert "asking the workload to checkpoint" in log and "trainer: saved step" in log
+    saved = int(log.split("trainer: saved step ")[1].split()[0])
+    last = run.checkpoints()[-1]
+    assert last.name == f"step-{saved:08d}" and (last / "state").read_text().strip() == str(saved)
+    assert not list(run.checkpoints_dir.glob("*.tmp"))
+
+
+@pytest.mark.slurm
+def test_requeue_resumes_from_the_last_checkpoint(slurm_cluster: None) -> None:
+    _, run, handle = _start_fake("slurm-requeue", steps=30, step_s=0.3)
+    job_id = run.status()["backend_ref"]["slurm_job_id"]
+    _wait_for(lambda: (run.checkpoints_dir / "step-00000010").is_dir(), 60, "checkpoint 10")
+    # What preemption does: the job is stopped and put back in the queue (the same job id).
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+    # Slurm holds a requeued job back ~2 minutes (Reason=BeginTime); let it start again now.
+    _wait_for(lambda: "BeginTime" in (job_info(job_id) or {}).get("Reason", "")
+              or (job_info(job_id) or {}).get("JobState") == "RUNNING", 30, "the job to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+    assert get_backend("slurm").poll(run) == ("running", None)  # requeued, not ended
+    assert handle.wait() == 0
+    log = run.log_path.read_text()
+    assert "(start 2)" in log, log[-2000:]
+    resumed = int(log.split("from step ")[2].split()[0])
+    assert resumed >= 10
+    assert "trainer: done at step 30" in log
+
+
+@pytest.mark.slurm
+def test_two_nodes_on_one_node_cluster_is_refused(slurm_cluster: None, tmp_path: Path) -> None:
+    job = tmp_path / "two.yaml"
+    job.write_text("kind: prepare\nname: two-nodes\nbackend: slurm\ndata: {train: builtin:mcq}\n"
+                   "resources: {nodes: 2}\n")
+    t = time.monotonic()
+    p = run_cli("run", str(job), timeout=60)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "resources.nodes=2" in p.stderr and "has 1 node(s)" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert time.monotonic() - t < 20
+    assert not (Path(os.environ["RUNNER_HOME"]) / "runs" / "two-nodes").exists()  # nothing was submitted
+
+
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_quickstart_through_slurm_succeeds(slurm_cluster: None) -> None:
+    p = run_cli("run", str(QUICKSTART), "--backend", "slurm", "--fresh", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = RunStore().get("quickstart")
+    st = run.status()
+    assert st["state"] == "succeeded" and st["backend"] == "slurm"
+    assert st["backend_ref"]["slurm_job_id"]
+    assert run.checkpoints(), "the trainer wrote no checkpoint"
+    assert "slurm: job" in run.log_path.read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_quickstart_cancel_through_slurm_ends_cancelled_with_checkpoint(slurm_cluster: None) -> None:
+    p = run_cli("run", str(QUICKSTART), "--backend", "slurm", "--fresh", "--detach",
+                "--set", "train.steps=100000", "--set", "train.save_every=100000", timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run = RunStore().get("quickstart")
+    _wait_for(lambda: run.metrics_path.exists() and "train" in run.metrics_path.read_text(), 600,
+              "the first training metrics")
+    c = run_cli("cancel", run.id, "--grace", "120", timeout=300)
+    assert c.returncode == 0, c.stdout + c.stderr
+    _wait_for(lambda: run.state in ("cancelled", "failed", "succeeded"), 120, "the run to end")
+    assert run.state == "cancelled", run.status()
+    ckpts = run.checkpoints()
+    assert ckpts, "cancel did not leave a checkpoint"
+    assert any(ckpts[-1].iterdir())
