@@ -120,10 +120,26 @@ def test_bad_inputs_are_clear(model, tok):
         score_mcq(model, tok, tiny.make_items(2, 4), batch_size=0)
 
 
-def test_length_batches_sorted_and_bounded():
+def test_length_batches_bounded_and_cut_where_lengths_jump():
     lengths = [5, 50, 7, 49, 6, 51, 8]
-    batches = length_batches(lengths, batch_size=3)
+    batches = length_batches(lengths, batch_size=3, batch_overhead_tokens=0)
     assert sorted(i for b in batches for i in b) == list(range(7))
-    assert [sorted(lengths[i] for i in b) for b in batches] == [[49, 50, 51], [6, 7, 8], [5]]
+    assert all(len(b) <= 3 for b in batches)
+    # The long and short questions never share a batch (that would pad the short ones to 50 tokens).
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 3 for b in batches)
     capped = length_batches(lengths, batch_size=10, max_batch_tokens=100)
     assert all(len(b) * max(lengths[i] for i in b) <= 100 for b in capped)
+    assert length_batches([500, 3], batch_size=4, max_batch_tokens=100) == [[0], [1]]
+
+
+def test_length_batches_pad_less_than_fixed_size_batches():
+    import random
+
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(5.0, 0.5)) for _ in range(2000)]
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    srt = sorted(range(2000), key=lambda i: -lengths[i])
+    fixed = [srt[s : s + 128] for s in range(0, 2000, 128)]
+    ours = length_batches(lengths, batch_size=512, max_batch_tokens=128 * 200)
+    assert sum(lengths) / padded(ours) > 0.93
+    assert padded(ours) < 0.95 * padded(fixed)

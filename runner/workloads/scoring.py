@@ -71,38 +71,84 @@ def _fast_path_parts(model: Any) -> tuple[Any, Any] | None:
     return decoder, head
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so a batch that does not fit fails early).
+def length_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    max_batch_tokens: int | None = None,
+    batch_overhead_tokens: int = 1024,
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest batch first (a batch that does not fit fails early).
 
-    A batch holds at most `batch_size` rows and, when `max_batch_tokens` is set, at most that many padded tokens.
+    A batch holds at most `batch_size` rows and, when `max_batch_tokens` is set, at most that many padded tokens
+    (a single longer sequence still gets a batch of its own). Cut points minimise padded tokens plus
+    `batch_overhead_tokens` per batch (launch and small-matmul cost) by dynamic programming over the sorted
+    lengths, so long questions go in short batches instead of padding a big batch to the longest one.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]  # the first row of a batch is its longest
-        too_many_tokens = max_batch_tokens is not None and cur and (len(cur) + 1) * width > max_batch_tokens
-        if len(cur) == batch_size or too_many_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    L = np.asarray(lengths, dtype=np.int64)[order]
+    cost = np.full(n + 1, np.inf)
+    cost[0] = 0.0
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        width = max(int(L[i]), 1)  # row i is the longest of any batch it starts
+        k = min(batch_size, n - i)
+        if max_batch_tokens is not None:
+            k = max(1, min(k, max_batch_tokens // width))
+        cand = cost[i] + batch_overhead_tokens + width * np.arange(1, k + 1)
+        better = cand < cost[i + 1 : i + k + 1]
+        cost[i + 1 : i + k + 1][better] = cand[better]
+        cut[i + 1 : i + k + 1][better] = i
+    bounds = []
+    j = n
+    while j > 0:
+        bounds.append((int(cut[j]), j))
+        j = int(cut[j])
+    return [order[a:b].tolist() for a, b in reversed(bounds)]
 
 
-def _pad(seqs: list[list[int]], pad: int, side: str) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad, dtype=np.int64)
-    att = np.zeros((len(seqs), T), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        if side == "right":
-            ids[r, : len(s)] = s
-            att[r, : len(s)] = 1
-        else:
-            ids[r, T - len(s) :] = s
-            att[r, T - len(s) :] = 1
-    return ids, att
+def _stage(
+    seqs: list[list[int]], batches: list[list[int]], pad: int, side: str, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Pad every batch on the host and copy them all to the device at once.
+
+    Returns per batch: input ids [B, T], attention mask [B, T] and sequence lengths [B], all views into three
+    device buffers: one transfer each instead of several per batch.
+    """
+    shapes = [(len(b), max(len(seqs[i]) for i in b)) for b in batches]
+    total = sum(r * t for r, t in shapes)
+    ids = np.full(total, pad, dtype=np.int64)
+    att = np.zeros(total, dtype=np.int64)
+    lens = np.asarray([len(seqs[i]) for b in batches for i in b], dtype=np.int64)
+    off = 0
+    for b, (rows, T) in zip(batches, shapes, strict=True):
+        block_ids = ids[off : off + rows * T].reshape(rows, T)
+        block_att = att[off : off + rows * T].reshape(rows, T)
+        for r, i in enumerate(b):
+            s = seqs[i]
+            if side == "right":
+                block_ids[r, : len(s)] = s
+                block_att[r, : len(s)] = 1
+            else:
+                block_ids[r, T - len(s) :] = s
+                block_att[r, T - len(s) :] = 1
+        off += rows * T
+    ids_d, att_d, lens_d = _to(ids, device), _to(att, device), _to(lens, device)
+    out = []
+    off = roff = 0
+    for rows, T in shapes:
+        out.append((
+            ids_d[off : off + rows * T].view(rows, T),
+            att_d[off : off + rows * T].view(rows, T),
+            lens_d[roff : roff + rows],
+        ))
+        off += rows * T
+        roff += rows
+    return out
 
 
 def _to(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -153,23 +199,21 @@ def letter_logits(
     was_training = model.training
     model.eval()
     try:
-        for idx in length_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
-            ids_np, att_np = _pad([prompts[i] for i in idx], pad, side)
-            ids = _to(ids_np, device)
-            rows = _to(np.asarray(idx, dtype=np.int64), device)
+        batches = length_batches([len(p) for p in prompts], batch_size, max_batch_tokens)
+        order = _to(np.asarray([i for b in batches for i in b], dtype=np.int64), device)
+        results = []
+        for ids, att, lens in _stage(prompts, batches, pad, side, device):
             if parts is not None:
                 decoder, head = parts
-                last = _to(att_np.sum(1) - 1, device)
                 hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-                h = hidden[torch.arange(len(idx), device=device), last]
-                logits = head(h)
+                logits = head(hidden[torch.arange(ids.shape[0], device=device), lens - 1])
             else:
-                att = _to(att_np, device)
                 pos = (att.cumsum(-1) - 1).clamp(min=0)
                 logits = model(
                     input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1, use_cache=False
                 ).logits[:, -1, :]
-            out[rows] = logits.index_select(-1, letters).float()
+            results.append(logits.index_select(-1, letters).float())
+        out[order] = torch.cat(results)
     finally:
         if was_training:
             model.train()
@@ -238,8 +282,8 @@ def score_mcq_per_choice(
     was_training = model.training
     model.eval()
     try:
-        for idx in length_batches([len(s) for s in seqs], batch_size, max_batch_tokens):
-            ids_np, att_np = _pad([seqs[k] for k in idx], pad, "right")
+        batches = length_batches([len(s) for s in seqs], batch_size, max_batch_tokens)
+        for idx, (ids, att, _) in zip(batches, _stage(seqs, batches, pad, "right", device), strict=True):
             # Positions predicting each continuation token: start-1 .. len-2; targets: start .. len-1.
             rows_np, pos_np = [], []
             for r, k in enumerate(idx):
@@ -248,15 +292,14 @@ def score_mcq_per_choice(
                 pos_np.append(p)
             r_t = _to(np.concatenate(rows_np), device)
             p_t = _to(np.concatenate(pos_np), device)
-            ids = _to(ids_np, device)
             if parts is not None:
                 decoder, head = parts
                 hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
                 logits = head(hidden[r_t, p_t])
             else:
-                logits = model(input_ids=ids, attention_mask=_to(att_np, device), use_cache=False).logits[r_t, p_t]
+                logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[r_t, p_t]
             logp = logits.float().log_softmax(-1).gather(-1, ids[r_t, p_t + 1].unsqueeze(-1)).squeeze(-1)
-            seq_of = _to(np.arange(len(idx)), device)[r_t]
+            seq_of = r_t
             total = torch.zeros(len(idx), device=device).index_add_(0, seq_of, logp)
             flat[_to(np.asarray(idx, dtype=np.int64), device)] = total
     finally:
@@ -266,3 +309,18 @@ def score_mcq_per_choice(
     owner_j = _to(np.asarray([o[1] for o in owners], dtype=np.int64), device)
     scores[owner_i, owner_j] = flat / torch.tensor(denom, device=device)
     return scores.softmax(-1).cpu()
+
+
+def compile_decoder_layers(model: Any) -> bool:
+    """Compile each decoder layer with dynamic shapes (regional compilation: one graph serves every layer).
+
+    Fuses the elementwise work between the matmuls (RMSNorm in fp32, rotary, SiLU*up). Returns False when the
+    model has no `layers` list to compile; the first batches after this pay the compile time.
+    """
+    try:
+        layers = model.get_decoder().layers
+    except AttributeError:
+        return False
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return True
