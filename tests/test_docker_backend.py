@@ -1,0 +1,263 @@
+"""Docker backend: the rendered `docker run` equivalent, environment checks, and a real engine end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
+from runner.backends.docker import (
+    LABEL_RUN,
+    DockerBackend,
+    amd_device_flags,
+    client,
+    container_spec,
+    find_orphans,
+    kfd_render_minors,
+)
+from runner.plan import render_plan
+from runner.spec import load_job
+from tests.conftest import ROOT, run_cli
+
+JOB_72B = str(ROOT / "jobs" / "train-72b.yaml")
+
+
+def test_plan_shows_every_amd_flag_and_the_dockerfile() -> None:
+    p = run_cli("plan", JOB_72B, env={"HF_TOKEN": "hf_supersecret_value"})
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "FROM rocm/pytorch:rocm6.2" in out
+    assert "# file: plan/docker-run.sh" in out and "# file: plan/accelerate.yaml" in out
+    for flag in ("--device /dev/kfd", "--device /dev/dri/renderD128", "--group-add video", "--ipc=host",
+                 "--shm-size 64g", "--cap-add SYS_PTRACE", "--security-opt seccomp=unconfined", '--user "$user"',
+                 '-v "$run_dir":/workspace/run:rw', "/workspace/cache:rw", "--label qa-runner.run-id=",
+                 "--init"):
+        assert flag in out, flag
+    assert "hf_supersecret_value" not in out
+    assert "-e HF_TOKEN \\" in out  # passed through from the environment, never written down
+
+
+def test_run_script_is_valid_shell_and_quotes_values(tmp_path: Path) -> None:
+    job = load_job(JOB_72B, ["env.MSG=it's a \"quoted\" $value"])
+    plan = render_plan(job, "docker")
+    script = plan.files["docker-run.sh"]
+    f = tmp_path / "docker-run.sh"
+    f.write_text(script)
+    subprocess.run(["bash", "-n", str(f)], check=True)
+    # Run it with a fake `docker` that prints its arguments: the values arrive intact.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n")
+    (fake / "docker").chmod(0o755)
+    run_dir = tmp_path / "runs" / "train-72b" / "20260101-000000-abcd"
+    (run_dir / "plan").mkdir(parents=True)
+    (run_dir / "plan" / "docker-run.sh").write_text(script)
+    out = subprocess.run(["bash", str(run_dir / "plan" / "docker-run.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, check=True).stdout.splitlines()
+    assert "MSG=it's a \"quoted\" $value" in out
+    assert f"{run_dir}:/workspace/run:rw" in out
+    assert "qa-runner-train-72b-20260101-000000-abcd" in out
+    assert f"{os.getuid()}:{os.getgid()}" in out
+
+
+def test_amd_devices_are_per_gpu_render_nodes(tmp_path: Path) -> None:
+    topo = tmp_path / "nodes"
+    for i, (simd, minor) in enumerate([(0, 0), (304, 136), (304, 128), (304, 144)]):
+        (topo / str(i)).mkdir(parents=True)
+        (topo / str(i) / "properties").write_text(f"cpu_cores_count 0\nsimd_count {simd}\ndrm_render_minor {minor}\n")
+    minors = kfd_render_minors(topo)
+    assert minors == [136, 128, 144]  # KFD node order, CPU node skipped
+    flags = amd_device_flags(2, minors)
+    assert flags["devices"] == ["/dev/kfd", "/dev/dri/renderD136", "/dev/dri/renderD128"]
+    assert flags["ipc_mode"] == "host" and flags["cap_add"] == ["SYS_PTRACE"]
+    assert flags["security_opt"] == ["seccomp=unconfined"] and flags["group_add"] == ["video"]
+    assert amd_device_flags(0)["devices"] == ["/dev/kfd", "/dev/dri"]
+
+
+def test_cuda_flavour_requests_gpus_and_tiny_training_has_no_network() -> None:
+    job = load_job(JOB_72B, ["image=cuda", "resources.gpu_type=h100", "resources.gpus=2"])
+    spec = container_spec(render_plan(job, "docker"), "/r", "id")
+    assert spec.gpu_request == 2 and spec.devices == [] and spec.ipc_mode == "host"
+    assert "--gpus" in spec.docker_args() and spec.sdk_kwargs()["device_requests"][0]["Count"] == 2
+    assert spec.network is None  # a Hub model must be downloaded
+    tiny = load_job(JOB_72B, ["model.base=tiny", "image=cpu", "resources.gpus=0"])
+    spec = container_spec(render_plan(tiny, "docker"), "/r", "id")
+    assert spec.network == "none" and not spec.devices and spec.ipc_mode is None
+
+
+def test_no_engine_is_one_plain_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(EnvironmentProblem, match=r"no Docker engine answers at unix:///nonexistent/docker.sock.*"
+                                                 r"start dockerd .* or use --backend local"):
+        client(timeout=2)
+
+
+@pytest.mark.skipif(Path("/dev/kfd").exists(), reason="this machine has an AMD GPU")
+def test_rocm_job_without_kfd_exits_3_fast_naming_the_device() -> None:
+    t0 = time.monotonic()
+    p = run_cli("run", JOB_72B)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 10
+    assert "/dev/kfd" in p.stderr and "Traceback" not in p.stderr
+
+
+# --- a real engine -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine() -> object:
+    try:
+        return client(timeout=10)
+    except EnvironmentProblem as first:
+        up = ROOT / ".ci" / "docker-up.sh"
+        if os.geteuid() == 0 and up.exists():
+            subprocess.run([str(up)], capture_output=True, timeout=300)
+            try:
+                return client(timeout=10)
+            except EnvironmentProblem as e:
+                pytest.skip(f"no Docker engine can be started here: {e}")
+        pytest.skip(f"no Docker engine can be started here: {first}")
+
+
+@pytest.fixture(scope="module")
+def cpu_image(engine: object) -> str:
+    from runner import images
+
+    if not images.image_exists(engine, "qa-runner-base:bookworm") or not images.wheel_files():
+        subprocess.run([str(ROOT / "images" / "local-base.sh")], check=True, timeout=900)
+    ref = images.render_image("cpu")
+    images.ensure_image(ref, engine, log=lambda line: None)
+    return ref.tag
+
+
+def _job_file(tmp_path: Path, name: str, body: str) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(f"kind: prepare\nname: {name}\nbackend: docker\nimage: cpu\n{body}")
+    return f
+
+
+def _containers(engine: object, run_id: str) -> list[object]:
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_RUN}={run_id}"})  # type: ignore[attr-defined]
+
+
+@pytest.mark.docker
+def test_job_runs_in_a_container_as_the_host_user(engine: object, cpu_image: str, tmp_path: Path,
+                                                   runner_home: Path) -> None:
+    f = _job_file(tmp_path, "prep-docker", "data:\n  train: builtin:categories?per_topic=20\n  val_fraction: 0.2\n")
+    p = run_cli("run", str(f), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run_dir = next((runner_home / "runs" / "prep-docker").iterdir())
+    assert "prepared" in (run_dir / "run.log").read_text()
+    assert "prepared" in p.stdout  # streamed to the terminal too
+    out = run_dir / "train.jsonl"
+    assert out.stat().st_size > 0 and out.stat().st_uid == os.getuid()
+    st = __import__("json").loads((run_dir / "status.json").read_text())
+    assert st["state"] == "succeeded" and st["backend_ref"]["image"] == cpu_image
+    assert _containers(engine, run_dir.name) == []  # removed once its exit was recorded
+    script = (run_dir / "plan" / "docker-run.sh").read_text()
+    assert "--network none" in script and "on this host" in script
+
+
+@pytest.mark.docker
+def test_a_failing_job_propagates_its_exit_code(engine: object, cpu_image: str, tmp_path: Path) -> None:
+    f = _job_file(tmp_path, "prep-fails", "data:\n  train: /nonexistent/data.jsonl\n")
+    p = run_cli("run", str(f), timeout=600)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "failed (exit 1)" in p.stderr
+
+
+@pytest.mark.docker
+def test_files_belong_to_the_user_the_container_runs_as(engine: object, cpu_image: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.runs import RunStore
+
+    job = load_job(str(_job_file(tmp_path, "prep-uid", "data:\n  train: builtin:categories?per_topic=5\n")))
+    plan = render_plan(job, "docker")
+    run = RunStore().create(job, plan)
+    for d in (run.dir, *run.dir.rglob("*")):
+        os.chown(d, 4321, 4321)
+    monkeypatch.setenv("RUNNER_DOCKER_USER", "4321:4321")
+    handle = DockerBackend().start(plan, run, attach=False)
+    assert handle.wait() == 0
+    assert (run.dir / "train.jsonl").stat().st_uid == 4321
+
+
+def _sleeper_plan(job_file: Path) -> object:
+    """The job's plan with an entrypoint that waits for SIGTERM and exits as a cancelled trainer would."""
+    job = load_job(str(job_file))
+    plan = render_plan(job, "docker")
+    code = ("import signal, sys, time, pathlib\n"
+            "def stop(*a):\n"
+            "    pathlib.Path('/workspace/run/checkpoints/step-00000001').mkdir(parents=True)\n"
+            "    print('checkpoint written', flush=True); sys.exit(130)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('training', flush=True)\n"
+            "time.sleep(600)\n")
+    entry = f"#!/usr/bin/env bash\nexec python3 -c {__import__('shlex').quote(code)}\n"
+    return replace(plan, files={**plan.files, "entrypoint.sh": entry})
+
+
+def _wait_log(path: Path, text: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+@pytest.mark.docker
+def test_cancel_from_another_process_stops_the_container_gracefully(engine: object, cpu_image: str,
+                                                                    tmp_path: Path) -> None:
+    from runner.runs import RunStore
+
+    plan = _sleeper_plan(_job_file(tmp_path, "prep-cancel", "data:\n  train: builtin:categories\n"))
+    run = RunStore().create(plan.job, plan)  # type: ignore[attr-defined]
+    codes: list[int] = []
+    with run.lock():
+        run.set_state("running", runner_pid=os.getpid(), backend="docker")
+        handle = DockerBackend().start(plan, run, attach=False)  # type: ignore[arg-type]
+        waiter = threading.Thread(target=lambda: codes.append(handle.wait()))
+        waiter.start()
+        _wait_log(run.log_path, "training")
+        # `runner cancel` from another terminal: SIGTERM through the engine, the job checkpoints and exits.
+        p = subprocess.Popen([sys.executable, "-m", "runner", "cancel", run.id, "--grace", "20"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiter.join(timeout=60)
+        assert codes == [EXIT_CANCELLED]
+        run.set_state("cancelled", exit_code=codes[0])
+    p.wait(timeout=60)
+    assert (run.checkpoints_dir / "step-00000001").is_dir()
+    assert "checkpoint written" in run.log_path.read_text()
+    assert run.state == "cancelled"
+
+
+@pytest.mark.docker
+def test_an_orphaned_container_is_found_and_reported(engine: object, cpu_image: str, tmp_path: Path) -> None:
+    from runner.runs import RunStore
+
+    plan = _sleeper_plan(_job_file(tmp_path, "prep-orphan", "data:\n  train: builtin:categories\n"))
+    run = RunStore().create(plan.job, plan)  # type: ignore[attr-defined]
+    # A runner that started the container and then died: state running, nobody holds the run's lock.
+    run.set_state("running", runner_pid=999999, backend="docker")
+    handle = DockerBackend().start(plan, run, attach=False)  # type: ignore[arg-type]
+    try:
+        time.sleep(1.0)
+        orphans = find_orphans()
+        assert any(o["run_id"] == run.id and "no runner process drives it" in o["why"] for o in orphans)
+        p = run_cli("ls", env={"COLUMNS": "200"})
+        assert "running (orphaned)" in p.stdout, p.stdout
+        assert run.status().get("orphan") is True
+        assert DockerBackend().poll(run) == ("running", None)
+    finally:
+        DockerBackend().cancel(run, grace_s=5)
+        handle.wait()
+    shutil.rmtree(run.dir, ignore_errors=True)
