@@ -28,6 +28,7 @@ TAG_PREFIX = "qa-runner-"
 # What of the project goes into an image: the package and its metadata (never runs/, caches or tests).
 PROJECT_FILES = ("pyproject.toml",)
 PROJECT_PACKAGE = "runner"
+KEEP_TAGS = 3  # builds of one image kept on the engine
 GPU_CHECKS = {"rocm": "torch.version.hip is not None", "cuda": "torch.version.cuda is not None"}
 
 
@@ -219,9 +220,29 @@ def ensure_image(ref: ImageRef, client: Any, log: Callable[[str], None] | None =
                 detail = "".join(tail[-10:]).strip()
                 raise ImageError(f"building image {ref.tag} failed: {chunk['error'].strip()}\n{detail}")
     try:
-        return str(client.images.get(ref.tag).id)
+        image_id = str(client.images.get(ref.tag).id)
     except docker.errors.ImageNotFound:
         raise ImageError(f"building image {ref.tag} produced no image") from None
+    prune_old_tags(ref, client)
+    return image_id
+
+
+def prune_old_tags(ref: ImageRef, client: Any, keep: int = KEEP_TAGS) -> list[str]:
+    """Untag all but the newest `keep` builds of this image (each source change makes one); images in use stay."""
+    import docker.errors
+
+    repo = ref.tag.split(":")[0]
+    builds = sorted(client.images.list(name=repo), key=lambda im: im.attrs.get("Created", ""), reverse=True)
+    removed = []
+    for im in builds[keep:]:
+        for tag in im.tags:
+            if tag.startswith(repo + ":") and tag != ref.tag:
+                try:
+                    client.images.remove(tag)
+                    removed.append(tag)
+                except docker.errors.APIError:
+                    pass  # a container still uses it
+    return removed
 
 
 def download_wheels(name: str, wheels_dir: Path = WHEELS_DIR) -> int:
