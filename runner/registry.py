@@ -720,6 +720,11 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         raise RegistryError(f"{ck} holds no PEFT adapter (adapter_config.json); is it a LoRA training checkpoint?",
                             EXIT_REFUSED)
     job_data = run.job_data()
+    base = str((job_data.get("model") or {}).get("base", ""))
+    if image and not merge and Path(base).is_absolute():
+        raise RegistryError(
+            f"the run's base model {base} is a directory on this machine, which a serving image would not have; "
+            "add --merge (the image then carries full merged weights)")
     evals = collect_evals(run, ck, checkpoint, job_data)
     messages: list[str] = []
     if not evals and not force:
@@ -794,6 +799,17 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         return Promotion(name, version, final, manifest, messages)
 
 
+def _lora_of(adapter: Path) -> dict[str, Any] | None:
+    """The adapter's real shape, from its adapter_config.json."""
+    cfg = _load_json(adapter / "adapter_config.json")
+    if not isinstance(cfg, dict):
+        return None
+    targets = cfg.get("target_modules")
+    return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            "peft_type": cfg.get("peft_type"), "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+
+
 def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_data: dict[str, Any],
               evals: list[tuple[Eval, Path | None]], name: str, version: int, merge: bool) -> dict[str, Any]:
     for fn in ADAPTER_FILES + TOKENIZER_FILES:
@@ -842,7 +858,7 @@ def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_
             "base": base, "revision": model.get("revision") if isinstance(model, dict) else None,
             "bundled": bundled,
         },
-        "lora": job_data.get("lora"),
+        "lora": _lora_of(tmp / "adapter") or job_data.get("lora"),
         "image_flavour": job_data.get("image", "cpu"),
         "eval": primary,
         "evals": records,
@@ -883,6 +899,7 @@ def serve_job_data(name: str, version: int) -> dict[str, Any] | None:
         return None
     common = {"kind": "serve", "name": f"{name}-v{version}"}
     shapes: list[dict[str, Any]] = [
+        {"registry": SERVING_ROOT},
         {"model": {"artifact": SERVING_ROOT}},
         {"model": SERVING_ROOT},
         {"artifact": SERVING_ROOT},
@@ -925,6 +942,11 @@ def render_serving_files(base_tag: str, name: str, version: int, manifest: dict[
 
 def build_serving_image(vdir: Path, manifest: dict[str, Any], name: str, version: int) -> dict[str, Any]:
     """Build `<name>:v<version>` FROM the job's image flavour with the version's files at SERVING_ROOT."""
+    base = manifest.get("base_model") or {}
+    if not base.get("bundled") and not manifest.get("merged") and Path(str(base.get("base"))).is_absolute():
+        raise RegistryError(
+            f"the base model {base.get('base')} is a directory on this machine and is not in the version, so a "
+            "container could not load the adapter; add --merge (the image then carries full merged weights)")
     client = _docker()
     try:
         from runner import images

@@ -402,6 +402,7 @@ def test_serving_image_answers_an_mmlu_question(runner_home: Path, adapters: dic
     if why:
         pytest.skip(why)
     import docker
+    import docker.errors
 
     ref = make_run(runner_home, adapters, acc={20: 0.7}, best=20)
     name = f"qa-test-{os.getpid()}"
@@ -424,6 +425,26 @@ def test_serving_image_answers_an_mmlu_question(runner_home: Path, adapters: dic
         # The artifact inside the image verifies against its manifest.
         ok = client.containers.run(f"{name}:v1", ["verify"], remove=True, network_disabled=True).decode()
         assert "ok:" in ok
+        # The default entrypoint starts the agents' HTTP service on the artifact.
+        try:
+            client.containers.run(f"{name}:v1", ["python3", "-c", "import fastapi, uvicorn"], remove=True,
+                                  network_disabled=True)
+        except docker.errors.ContainerError:
+            pytest.xfail("the job's image flavour lacks fastapi/uvicorn, so `serve` cannot start in the serving image")
+        c = client.containers.run(f"{name}:v1", detach=True, network_disabled=True)
+        try:
+            probe = ("import json, time, urllib.request as u\n"
+                     "for _ in range(120):\n"
+                     "    try: u.urlopen('http://127.0.0.1:8000/healthz', timeout=2); break\n"
+                     "    except Exception: time.sleep(0.5)\n"
+                     "r = u.Request('http://127.0.0.1:8000/v1/answer', data=json.dumps({'question': 'What is 2+2?', "
+                     "'choices': ['3', '4', '5', '6']}).encode(), headers={'Content-Type': 'application/json'})\n"
+                     "print(u.urlopen(r, timeout=30).read().decode())\n")
+            rc, out = c.exec_run(["python3", "-c", probe])
+            assert rc == 0, out.decode()[-2000:] + c.logs().decode()[-2000:]
+            assert json.loads(out.decode().strip().splitlines()[-1])["answer"] in "ABCD"
+        finally:
+            c.remove(force=True)
     finally:
         for tag in (f"{name}:champion", f"{name}:v1"):
             try:
