@@ -1,6 +1,7 @@
 """Job specifications: Pydantic models per job kind and the loader that reads job files."""
 
-# Job kinds defined in their own modules (serve, tournament) register themselves in JOB_MODELS on import.
+# Job kinds defined in their own modules (eval, serve, tournament) register themselves in JOB_MODELS on import.
+from runner.spec import eval as _eval  # noqa: F401
 from runner.spec import serve as _serve  # noqa: F401
 from runner.spec import tournament as _tournament  # noqa: F401
 from runner.spec.loader import Job, Problem, SpecError, job_from_data, load_job, spec_hash

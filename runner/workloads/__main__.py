@@ -11,6 +11,7 @@ from pathlib import Path
 WORKLOADS = {
     "prepare": "runner.workloads.data",
     "train": "runner.workloads.train",
+    "eval": "runner.workloads.evaluate",
     "serve": "runner.workloads.serve",
     "tournament": "runner.workloads.tournament",
 }
