@@ -486,23 +486,34 @@ def _mentions(obj: Any, needles: tuple[str, ...]) -> bool:
     return False
 
 
-def _eval_targets(run: Run, checkpoint: Path, eval_run: Run, which: str) -> bool:
-    """Whether `eval_run` evaluated exactly this run's checkpoint (by its path, or run id + checkpoint name)."""
+def _values_of(obj: Any, key: str) -> list[Any]:
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in _values_of(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _values_of(v, key)]
+    return []
+
+
+def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
+    """Whether `eval_run` evaluated exactly this run's checkpoint: its job or eval.json names the checkpoint's
+    path, or names this run and a checkpoint selector (best, last, step-N) that resolves to it."""
     ev = _load_json(eval_run.dir / "eval.json")
-    ck_real = os.path.realpath(checkpoint)
-    for src in (ev, eval_run.job_data()):
-        if _mentions(src, (ck_real, str(checkpoint))):
-            return True
     job = eval_run.job_data()
+    ck_real = os.path.realpath(checkpoint)
+    for src in (ev, job):
+        if _mentions(src, (ck_real, str(checkpoint), str(checkpoint / "adapter"))):
+            return True
     if not _mentions(job, (run.id,)):
         return False
-    names = {checkpoint.name, str(_step_of(checkpoint)), f"step-{_step_of(checkpoint)}"}
-    if which in ("best", "last"):
-        names.add(which)
-    return _mentions(job, tuple(names)) or _mentions(ev, tuple(names))
+    for sel in _values_of(job, "checkpoint"):
+        if isinstance(sel, (str, int)):
+            with contextlib.suppress(RegistryError):
+                if os.path.realpath(select_checkpoint(run, str(sel))) == ck_real:
+                    return True
+    return False
 
 
-def _eval_run_evals(run: Run, checkpoint: Path, which: str) -> list[tuple[Eval, Path]]:
+def _eval_run_evals(run: Run, checkpoint: Path) -> list[tuple[Eval, Path]]:
     from runner.runs import RunStore
 
     out = []
@@ -511,7 +522,7 @@ def _eval_run_evals(run: Run, checkpoint: Path, which: str) -> list[tuple[Eval, 
         if st.get("kind") != "eval" or st.get("state") != "succeeded" or not (r.dir / "eval.json").is_file():
             continue
         try:
-            if not _eval_targets(run, checkpoint, r, which):
+            if not _eval_targets(run, checkpoint, r):
                 continue
         except Exception:  # an unreadable eval run is not ours to judge here
             continue
@@ -527,12 +538,12 @@ def _eval_run_evals(run: Run, checkpoint: Path, which: str) -> list[tuple[Eval, 
     return out
 
 
-def collect_evals(run: Run, checkpoint: Path, which: str, job_data: dict[str, Any]) -> list[tuple[Eval, Path | None]]:
+def collect_evals(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> list[tuple[Eval, Path | None]]:
     found: list[tuple[Eval, Path | None]] = []
     v = _val_eval(run, checkpoint, job_data)
     if v is not None:
         found.append((v, None))
-    found += _eval_run_evals(run, checkpoint, which)
+    found += _eval_run_evals(run, checkpoint)
     return found
 
 
@@ -725,7 +736,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         raise RegistryError(
             f"the run's base model {base} is a directory on this machine, which a serving image would not have; "
             "add --merge (the image then carries full merged weights)")
-    evals = collect_evals(run, ck, checkpoint, job_data)
+    evals = collect_evals(run, ck, job_data)
     messages: list[str] = []
     if not evals and not force:
         raise RegistryError(

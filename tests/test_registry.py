@@ -198,6 +198,42 @@ def test_gate_accepts_an_equal_or_better_candidate_with_a_paired_test(runner_hom
     assert Registry(runner_home).resolve("qa@champion") == ("qa", 2)
 
 
+def make_eval_run(home: Path, run_ref: str, selector: str, correct: dict[str, bool], name: str = "ev") -> Path:
+    """A finished `eval` run on `run_ref`'s checkpoint, as the evaluation workload leaves it."""
+    from ruamel.yaml import YAML
+
+    d = home / "runs" / name / f"20990101-000000-{len(list((home / 'runs').glob(name + '/*'))):04x}"
+    d.mkdir(parents=True)
+    YAML().dump({"kind": "eval", "name": name, "model": {"run": run_ref.split("/")[1], "checkpoint": selector}},
+                (d / "job.yaml").open("w"))
+    (d / "status.json").write_text(json.dumps({"kind": "eval", "state": "succeeded"}))
+    preds = [{"id": q, "pred": "A" if ok else "B", "answer": "A", "probs": [0.5, 0.5]} for q, ok in correct.items()]
+    (d / "eval.json").write_text(json.dumps({"accuracy": sum(correct.values()) / len(correct), "n": len(correct),
+                                             "predictions": preds}))
+    return d
+
+
+def test_gate_uses_eval_runs_on_the_same_questions(runner_home: Path, adapters: dict[str, Path]) -> None:
+    ids = [f"mmlu-{i}" for i in range(40)]
+    a = make_run(runner_home, adapters, "q1", acc={20: 0.9}, best=20)
+    b = make_run(runner_home, adapters, "q2", acc={20: 0.5}, best=20, data_seed=3, adapter="a2")
+    make_eval_run(runner_home, a, "best", {q: i < 20 for i, q in enumerate(ids)})  # 0.5
+    make_eval_run(runner_home, b, "step-20", {q: i >= 10 for i, q in enumerate(ids)})  # 0.75
+    make_eval_run(runner_home, b, "step-10", {q: False for q in ids})  # another checkpoint: ignored
+    assert run_cli("promote", a, "--to", "qa", "--alias", "champion").returncode == 0
+    m1 = manifest(runner_home, "qa", 1)
+    assert m1["eval"]["kind"] == "eval-run" and m1["eval"]["accuracy"] == 0.5
+    assert {e["kind"] for e in m1["evals"]} == {"val", "eval-run"}
+    assert any(f.startswith("eval/") for f in m1["files"])
+    # Validation sets differ, but both checkpoints were evaluated on the same 40 questions: that decides.
+    p = run_cli("promote", b, "--checkpoint", "best", "--to", "qa", "--alias", "champion")
+    assert p.returncode == 0, p.stderr
+    assert "0.7500" in p.stdout and "0.5000" in p.stdout and "McNemar on 40 paired questions" in p.stdout
+    g = manifest(runner_home, "qa", 2)["promotion"]["gate"]
+    assert g["eval_kind"] == "eval-run" and g["paired_test"]["candidate_only_correct"] == 20
+    assert g["paired_test"]["holder_only_correct"] == 10
+
+
 def test_gate_needs_the_same_eval_set(runner_home: Path, adapters: dict[str, Path]) -> None:
     a = make_run(runner_home, adapters, "q1", acc={20: 0.5}, best=20)
     b = make_run(runner_home, adapters, "q2", acc={20: 0.9}, best=20, data_seed=7)  # different validation split
