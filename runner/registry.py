@@ -504,7 +504,15 @@ def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
         if _mentions(src, (ck_real, str(checkpoint), str(checkpoint / "adapter"))):
             return True
     if not _mentions(job, (run.id,)):
-        return False
+        # `run: <job name>` means that job's latest run; count it only if that is still this run.
+        from runner.runs import RunError, RunStore
+
+        refs = [v for v in _values_of(job, "run") if isinstance(v, str)]
+        try:
+            if not any(RunStore().get(r).dir == run.dir for r in refs):
+                return False
+        except RunError:
+            return False
     for sel in _values_of(job, "checkpoint"):
         if isinstance(sel, (str, int)):
             with contextlib.suppress(RegistryError):
@@ -548,8 +556,9 @@ def collect_evals(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> list[
 
 
 def eval_command(run: Run, checkpoint: Path) -> str:
-    return (f"runner run jobs/eval.yaml --set model.run={run.id} --set model.checkpoint={checkpoint.name}  "
-            f"(an `eval` job on {run.ref} {checkpoint.name})")
+    job = next((str(p.relative_to(Path.cwd())) for p in sorted(Path.cwd().glob("jobs/eval*.yaml"))), "jobs/eval.yaml")
+    return (f"`runner run {job} --set run={run.id} --set checkpoint={checkpoint.name}` "
+            f"(an `eval` job with `run: {run.id}` and `checkpoint: {checkpoint.name}`)")
 
 
 # --- the promotion gate --------------------------------------------------------------------------------

@@ -418,6 +418,43 @@ def test_merged_weights_give_the_same_letter_probabilities(runner_home: Path, ad
     assert (score_mcq(base, tok, items) - pa).abs().max() > 1e-3
 
 
+def test_a_tiny_base_is_bundled_so_the_version_stands_alone(runner_home: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from runner.spec.models import ModelSpec
+    from runner.workloads.artifact import load_artifact
+    from runner.workloads.modeling import load_model_and_tokenizer
+    from runner.workloads.scoring import score_mcq
+
+    torch.set_num_threads(1)
+    spec = {"base": "tiny", "tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "pretrain_steps": 0, "seed": 5}}
+    base, tok = load_model_and_tokenizer(ModelSpec.model_validate(spec))
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    store = RunStore(runner_home)
+    r = store.create(job_from_data({"kind": "train", "name": "tq", "model": spec,
+                                    "data": {"train": "builtin:categories"}}, "jobs/tq.yaml"))
+    ck = r.checkpoints_dir / "step-00000005"
+    peft_model.save_pretrained(ck / "adapter")
+    r.metrics_path.write_text(json.dumps({"step": 5, "split": "val", "accuracy": 0.4}) + "\n")
+    p = run_cli("promote", r.ref, "--to", "tq", "--checkpoint", "last")
+    assert p.returncode == 0, p.stderr
+    m = manifest(runner_home, "tq", 1)
+    assert m["base_model"] == {"base": "tiny", "revision": None, "bundled": "base"}
+    assert any(f.startswith("base/") and f.endswith(".safetensors") for f in m["files"])
+    # Loads without the cache: the bundled base + adapter reproduce the run's model.
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "empty-cache"))
+    model, tok2, _ = load_artifact("tq:v1")
+    assert not (tmp_path / "empty-cache").exists()
+    items = [type("Q", (), {"question": "Which is a colour?", "choices": ["red", "seven", "Paris"]})()]
+    assert torch.allclose(score_mcq(model, tok2, items), score_mcq(peft_model, tok, items), atol=1e-5)
+
+
 # --- serving image on the real engine ------------------------------------------------------------------
 
 
