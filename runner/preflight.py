@@ -646,8 +646,9 @@ def preflight(job: Job, plan: Plan | None = None, hardware: Hardware | None = No
     gpus = int(getattr(res, "gpus", 0) or 0)
     gpu_type = str(getattr(res, "gpu_type", "auto"))
     if gpus > 0:
-        if getattr(res, "gpu_memory_gb", None):
-            rep.capacity_bytes = float(res.gpu_memory_gb) * GiB
+        gpu_memory_gb = getattr(res, "gpu_memory_gb", None)
+        if gpu_memory_gb:
+            rep.capacity_bytes = float(gpu_memory_gb) * GiB
             rep.capacity_label = f"{gpus} x {gpu_type if gpu_type != 'auto' else 'GPU'}"
         elif gpu_type in GPU_MEMORY_GIB:
             rep.capacity_bytes = GPU_MEMORY_GIB[gpu_type] * GiB
