@@ -261,3 +261,36 @@ def test_an_orphaned_container_is_found_and_reported(engine: object, cpu_image: 
         DockerBackend().cancel(run, grace_s=5)
         handle.wait()
     shutil.rmtree(run.dir, ignore_errors=True)
+
+
+def _train_available() -> bool:
+    return (ROOT / "runner" / "workloads" / "train.py").exists() and (ROOT / "jobs" / "quickstart.yaml").exists()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.skipif(not _train_available(), reason="needs the train workload and jobs/quickstart.yaml")
+def test_quickstart_trains_in_a_container_and_cancel_keeps_a_checkpoint(engine: object, cpu_image: str,
+                                                                        runner_home: Path) -> None:
+    import json
+
+    p = run_cli("run", "jobs/quickstart.yaml", "--backend", "docker", timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_dir = sorted((runner_home / "runs").glob("*/*"))[-1]
+    cks = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert cks and all(c.stat().st_uid == os.getuid() for c in cks)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
+
+    # The same job, longer, cancelled from another process once its first checkpoint exists.
+    p = run_cli("run", "jobs/quickstart.yaml", "--backend", "docker", "--fresh", "--detach",
+                "--set", "train.steps=100000", "--set", "train.save_every=5", timeout=120)
+    assert p.returncode == 0, p.stderr
+    run_dir = sorted((runner_home / "runs").glob("*/*"), key=lambda d: d.name)[-1]
+    end = time.monotonic() + 900
+    while time.monotonic() < end and not list((run_dir / "checkpoints").glob("step-*")):
+        time.sleep(1)
+    assert list((run_dir / "checkpoints").glob("step-*")), (run_dir / "run.log").read_text()[-3000:]
+    p = run_cli("cancel", run_dir.name, "--grace", "60", timeout=180)
+    assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert any(last.iterdir()), "the last checkpoint is complete"
