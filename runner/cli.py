@@ -149,18 +149,14 @@ def schema(kind: str | None = typer.Argument(None, help="Job kind (default: all 
 # --- run -----------------------------------------------------------------------------------------------
 
 
-def _check(job: Job, p: Plan) -> None:
+def _check(job: Job, p: Plan, force: bool = False) -> None:
     from runner.backends import EnvironmentProblem, get_backend
+    from runner.preflight import gate
 
     try:
+        # Does it fit at all? A model that can never fit is refused before any engine is asked.
+        gate(job, p, force=force)
         get_backend(p.backend).check(p)
-        try:
-            from runner import preflight
-        except ImportError:
-            return
-        gate = getattr(preflight, "gate", None)
-        if gate is not None:
-            gate(job, p)
     except EnvironmentProblem as e:
         raise Exit(EXIT_ENV, f"error: {e}") from None
 
@@ -172,13 +168,14 @@ def run(
     backend: str | None = BackendOpt,
     fresh: bool = typer.Option(False, "--fresh", help="Start a new run even if an unfinished one can be resumed."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Start and return; follow with `runner logs -f`."),
+    force: bool = typer.Option(False, "--force", help="Run even when preflight says it does not fit."),
 ) -> None:
     """Create a run, start it and stream its log; the exit code is the job's."""
     from runner.runs import RunStore
 
     job = _load(file, sets, backend)
     p = _plan(job, backend)
-    _check(job, p)
+    _check(job, p, force)
     store = RunStore()
     r = None
     if job.kind == "train" and not fresh:

@@ -195,9 +195,9 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
 
     image: ImageRef | None = None
     if backend_name in ("docker", "kubernetes") or (backend_name == "slurm" and spec.image != "cpu"):
-        from runner import images
+        from runner.images import render_image
 
-        image = images.render_image(spec.image)
+        image = render_image(spec.image)
 
     files: dict[str, str] = {}
     if accel is not None:
