@@ -56,10 +56,15 @@ echo "trainer: done at step $step"
 
 
 def _job(name: str = "slurm-unit", **resources: Any) -> Any:
-    return job_from_data({
-        "kind": "prepare", "name": name, "backend": "slurm", "data": {"train": "builtin:mcq"},
-        "resources": {"cpus": 1, "memory_gb": 1, **resources},
-    })
+    return job_from_data(
+        {
+            "kind": "prepare",
+            "name": name,
+            "backend": "slurm",
+            "data": {"train": "builtin:mcq"},
+            "resources": {"cpus": 1, "memory_gb": 1, **resources},
+        }
+    )
 
 
 def test_states_map_to_run_states() -> None:
@@ -94,8 +99,11 @@ def test_preflight_refuses_more_nodes_than_the_partition_has() -> None:
 
 def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
     plan = render_plan(_job(nodes=2, gpus=8, cpus=None, memory_gb=None), "slurm")
-    nodes = [SlurmNode("g1", ("gpu",), 128, 2_000_000, 8, "idle"), SlurmNode("g2", ("gpu",), 128, 2_000_000, 8, "down*"),
-             SlurmNode("c1", ("cpu*",), 64, 500_000, 0, "idle")]
+    nodes = [
+        SlurmNode("g1", ("gpu",), 128, 2_000_000, 8, "idle"),
+        SlurmNode("g2", ("gpu",), 128, 2_000_000, 8, "down*"),
+        SlurmNode("c1", ("cpu*",), 64, 500_000, 0, "idle"),
+    ]
     with pytest.raises(EnvironmentProblem, match="partition 'cpu'"):
         preflight(plan, nodes)  # the default partition has no GPUs
     with pytest.raises(EnvironmentProblem, match="2 node\\(s\\), 1 up"):
@@ -107,8 +115,16 @@ def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
 def test_multinode_argv_adds_rank_flags_once() -> None:
     argv = ["accelerate", "launch", "--config_file", "x.yaml", "-m", "runner.workloads"]
     out = multinode_argv(argv)
-    assert out[:8] == ["accelerate", "launch", "--machine_rank", "${RUNNER_NODE_RANK}", "--main_process_ip",
-                       "${RUNNER_MASTER_ADDR}", "--main_process_port", "${RUNNER_MASTER_PORT}"]
+    assert out[:8] == [
+        "accelerate",
+        "launch",
+        "--machine_rank",
+        "${RUNNER_NODE_RANK}",
+        "--main_process_ip",
+        "${RUNNER_MASTER_ADDR}",
+        "--main_process_port",
+        "${RUNNER_MASTER_PORT}",
+    ]
     assert multinode_argv(out) == out
     assert multinode_argv(["python", "-m", "runner.workloads"]) == ["python", "-m", "runner.workloads"]
 
@@ -116,16 +132,21 @@ def test_multinode_argv_adds_rank_flags_once() -> None:
 def test_4node_plan_gives_each_node_its_rank() -> None:
     p = run_cli("plan", str(JOB_4NODE), "--backend", "slurm", check=True)
     out = p.stdout
-    sbatch = out[out.index("# file: plan/sbatch.sh"):]
-    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"):
+    sbatch = out[out.index("# file: plan/sbatch.sh") :]
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+    ):
         assert line in sbatch
     assert "srun --nodes=4 --ntasks-per-node=1" in sbatch
     assert 'RUNNER_NODE_RANK="${SLURM_NODEID}"' in sbatch
     assert "scontrol show hostnames" in sbatch
-    entry = out[out.index("# file: plan/entrypoint.sh"):]
+    entry = out[out.index("# file: plan/entrypoint.sh") :]
     assert '--machine_rank "${RUNNER_NODE_RANK}" --main_process_ip "${RUNNER_MASTER_ADDR}"' in entry
-    accel = out[out.index("# file: plan/accelerate.yaml"):]
+    accel = out[out.index("# file: plan/accelerate.yaml") :]
     assert "num_machines: 4" in accel and "num_processes: 32" in accel and "FSDP" in accel
 
 
@@ -177,11 +198,16 @@ def slurm_cluster() -> None:
 
 
 def _start_fake(name: str, steps: int, step_s: float, save_s: float = 0.0) -> tuple[Plan, Run, Any]:
-    job = job_from_data({
-        "kind": "prepare", "name": name, "backend": "slurm", "data": {"train": "builtin:mcq"},
-        "resources": {"cpus": 1, "memory_gb": 1},
-        "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
-    })
+    job = job_from_data(
+        {
+            "kind": "prepare",
+            "name": name,
+            "backend": "slurm",
+            "data": {"train": "builtin:mcq"},
+            "resources": {"cpus": 1, "memory_gb": 1},
+            "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
+        }
+    )
     plan = render_plan(job, "slurm")
     plan = replace(plan, files={**plan.files, "entrypoint.sh": FAKE_TRAINER})
     backend = get_backend("slurm")
@@ -208,7 +234,9 @@ def test_submit_follow_and_succeed(slurm_cluster: None) -> None:
     assert job_id.isdigit()
     assert handle.wait() == 0
     log = run.log_path.read_text()
-    assert f"slurm: job {job_id}" in log and "trainer: rank 0 of 1" in log and "trainer: done at step 6" in log
+    assert (
+        f"slurm: job {job_id}" in log and "trainer: rank 0 of 1" in log and "trainer: done at step 6" in log
+    )
     assert [c.name for c in run.checkpoints()] == ["step-00000005", "step-00000006"]
     assert get_backend("slurm").poll(run) == ("succeeded", 0)
 
@@ -242,9 +270,17 @@ def test_requeue_resumes_from_the_last_checkpoint(slurm_cluster: None) -> None:
     # What preemption does: the job is stopped and put back in the queue (the same job id).
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
     # Slurm holds a requeued job back ~2 minutes (Reason=BeginTime); let it start again now.
-    _wait_for(lambda: "BeginTime" in (job_info(job_id) or {}).get("Reason", "")
-              or (job_info(job_id) or {}).get("JobState") == "RUNNING", 30, "the job to be requeued")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+    _wait_for(
+        lambda: (
+            "BeginTime" in (job_info(job_id) or {}).get("Reason", "")
+            or (job_info(job_id) or {}).get("JobState") == "RUNNING"
+        ),
+        30,
+        "the job to be requeued",
+    )
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True
+    )
     assert get_backend("slurm").poll(run) == ("running", None)  # requeued, not ended
     assert handle.wait() == 0
     log = run.log_path.read_text()
@@ -257,8 +293,9 @@ def test_requeue_resumes_from_the_last_checkpoint(slurm_cluster: None) -> None:
 @pytest.mark.slurm
 def test_two_nodes_on_one_node_cluster_is_refused(slurm_cluster: None, tmp_path: Path) -> None:
     job = tmp_path / "two.yaml"
-    job.write_text("kind: prepare\nname: two-nodes\nbackend: slurm\ndata: {train: builtin:mcq}\n"
-                   "resources: {nodes: 2}\n")
+    job.write_text(
+        "kind: prepare\nname: two-nodes\nbackend: slurm\ndata: {train: builtin:mcq}\nresources: {nodes: 2}\n"
+    )
     t = time.monotonic()
     p = run_cli("run", str(job), timeout=60)
     assert p.returncode == 3, p.stdout + p.stderr
@@ -287,12 +324,26 @@ def test_quickstart_through_slurm_succeeds(slurm_cluster: None) -> None:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_quickstart_cancel_through_slurm_ends_cancelled_with_checkpoint(slurm_cluster: None) -> None:
-    p = run_cli("run", str(QUICKSTART), "--backend", "slurm", "--fresh", "--detach",
-                "--set", "train.steps=100000", "--set", "train.save_every=100000", timeout=120)
+    p = run_cli(
+        "run",
+        str(QUICKSTART),
+        "--backend",
+        "slurm",
+        "--fresh",
+        "--detach",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.save_every=100000",
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     run = RunStore().get("quickstart")
-    _wait_for(lambda: run.metrics_path.exists() and "train" in run.metrics_path.read_text(), 600,
-              "the first training metrics")
+    _wait_for(
+        lambda: run.metrics_path.exists() and "train" in run.metrics_path.read_text(),
+        600,
+        "the first training metrics",
+    )
     c = run_cli("cancel", run.id, "--grace", "120", timeout=300)
     assert c.returncode == 0, c.stdout + c.stderr
     _wait_for(lambda: run.state in ("cancelled", "failed", "succeeded"), 120, "the run to end")

@@ -33,7 +33,9 @@ RANK_ENV = "RUNNER_NODE_RANK"
 ADDR_ENV = "RUNNER_MASTER_ADDR"
 PORT_ENV = "RUNNER_MASTER_PORT"
 
-PENDING_STATES = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})
+PENDING_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
+)
 RUNNING_STATES = frozenset(
     {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED", "STOPPED", "SPECIAL_EXIT"}
 )
@@ -51,8 +53,14 @@ def multinode_argv(argv: list[str]) -> list[str]:
     """
     if argv[:2] != ["accelerate", "launch"] or "--machine_rank" in argv:
         return list(argv)
-    flags = ["--machine_rank", f"${{{RANK_ENV}}}", "--main_process_ip", f"${{{ADDR_ENV}}}",
-             "--main_process_port", f"${{{PORT_ENV}}}"]
+    flags = [
+        "--machine_rank",
+        f"${{{RANK_ENV}}}",
+        "--main_process_ip",
+        f"${{{ADDR_ENV}}}",
+        "--main_process_port",
+        f"${{{PORT_ENV}}}",
+    ]
     return argv[:2] + flags + argv[2:]
 
 
@@ -113,8 +121,12 @@ class SlurmNode:
         return not self.state.lower().lstrip().startswith(UNUSABLE_NODE_STATES)
 
 
-def _slurm(args: list[str], timeout: float = CMD_TIMEOUT_S, env: dict[str, str] | None = None,
-           stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _slurm(
+    args: list[str],
+    timeout: float = CMD_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
     except FileNotFoundError:
@@ -172,13 +184,17 @@ def preflight(plan: Plan, nodes: list[SlurmNode]) -> None:
         )
     usable = [n for n in in_part if n.usable]
     fitting = [
-        n for n in usable
+        n
+        for n in usable
         if n.gpus >= res.gpus and (res.cpus or 0) <= n.cpus and (res.memory_gb or 0) * 1024 <= n.memory_mb
     ]
     if len(fitting) >= res.nodes:
         return
-    wants = [f"{res.gpus} GPU(s)" if res.gpus else None, f"{res.cpus} CPU(s)" if res.cpus else None,
-             f"{res.memory_gb} GB" if res.memory_gb else None]
+    wants = [
+        f"{res.gpus} GPU(s)" if res.gpus else None,
+        f"{res.cpus} CPU(s)" if res.cpus else None,
+        f"{res.memory_gb} GB" if res.memory_gb else None,
+    ]
     each = ", ".join(w for w in wants if w)
     biggest = max(in_part, key=lambda n: (n.gpus, n.cpus, n.memory_mb))
     raise EnvironmentProblem(
@@ -189,15 +205,21 @@ def preflight(plan: Plan, nodes: list[SlurmNode]) -> None:
     )
 
 
-def _render_entrypoint(plan: Plan) -> str | None:
+def multinode_entrypoint(plan: Plan, containerised: bool) -> str | None:
     """entrypoint.sh with the multi-node launch flags, when the generic plan did not add them already."""
     argv = multinode_argv(plan.argv)
     if plan.resources.nodes <= 1 or argv == plan.argv:
         return None
     from runner.plan import render_template
 
-    return render_template("entrypoint.sh.j2", name=plan.name, kind=plan.kind, backend=plan.backend,
-                           containerised=False, argv=argv)
+    return render_template(
+        "entrypoint.sh.j2",
+        name=plan.name,
+        kind=plan.kind,
+        backend=plan.backend,
+        containerised=containerised,
+        argv=argv,
+    )
 
 
 class SlurmHandle:
@@ -266,23 +288,39 @@ class SlurmBackend:
         srun_extra, task_prefix = "", ""
         image = plan.image.tag if plan.image is not None else None
         if runtime == "pyxis" and image:
-            srun_extra = (f"--container-image={image} --container-workdir={plan.workdir} "
-                          f'--container-mounts="{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" ')
+            srun_extra = (
+                f"--container-image={image} --container-workdir={plan.workdir} "
+                f'--container-mounts="{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
+            )
         elif runtime == "apptainer" and image:
             gpu = "--nv" if plan.image and plan.image.flavour == "cuda" else "--rocm"
-            task_prefix = (f'apptainer exec {gpu} --bind "{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
-                           f'"${{RUNNER_SIF:-${{RUNNER_HOME}}/images/{image.replace(":", "_")}.sif}}" ')
+            task_prefix = (
+                f'apptainer exec {gpu} --bind "{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
+                f'"${{RUNNER_SIF:-${{RUNNER_HOME}}/images/{image.replace(":", "_")}.sif}}" '
+            )
         files = {
             "sbatch.sh": render_template(
-                "sbatch.sh.j2", name=plan.name, kind=plan.kind, nodes=res.nodes, gpus=res.gpus, cpus=res.cpus,
-                memory_gb=res.memory_gb, time=res.time, partition=res.partition, account=res.account,
-                image=image if runtime != "none" else None, workdir=plan.workdir, env=env,
+                "sbatch.sh.j2",
+                name=plan.name,
+                kind=plan.kind,
+                nodes=res.nodes,
+                gpus=res.gpus,
+                cpus=res.cpus,
+                memory_gb=res.memory_gb,
+                time=res.time,
+                partition=res.partition,
+                account=res.account,
+                image=image if runtime != "none" else None,
+                workdir=plan.workdir,
+                env=env,
                 path_prepend=str(Path(sys.executable).parent) if runtime == "none" else None,
-                signal_lead_s=SIGNAL_LEAD_S, srun_extra=srun_extra, task_prefix=task_prefix,
+                signal_lead_s=SIGNAL_LEAD_S,
+                srun_extra=srun_extra,
+                task_prefix=task_prefix,
                 exit_cancelled=EXIT_CANCELLED,
             )
         }
-        entry = _render_entrypoint(plan)
+        entry = multinode_entrypoint(plan, containerised=False)
         if entry is not None:
             files["entrypoint.sh"] = entry
         return files
@@ -314,8 +352,15 @@ class SlurmBackend:
         run.log_path.touch()
         offset = run.log_path.stat().st_size
         cp = _slurm(
-            ["sbatch", "--parsable", f"--output={run.log_path}", "--open-mode=append", f"--chdir={plan.workdir}",
-             "--export=ALL", str(script)],
+            [
+                "sbatch",
+                "--parsable",
+                f"--output={run.log_path}",
+                "--open-mode=append",
+                f"--chdir={plan.workdir}",
+                "--export=ALL",
+                str(script),
+            ],
             env=env,
         )
         if cp.returncode != 0:
@@ -331,13 +376,19 @@ class SlurmBackend:
             return None
         info = job_info(job_id)
         if info is not None:
-            return map_state(info.get("JobState", ""), _exit_code(info.get("ExitCode", "")),
-                             int(info.get("Restarts", "0") or 0))
+            return map_state(
+                info.get("JobState", ""),
+                _exit_code(info.get("ExitCode", "")),
+                int(info.get("Restarts", "0") or 0),
+            )
         exit_file = run.dir / f"slurm-{job_id}.exit"
         if exit_file.exists():
             code = int(exit_file.read_text().strip() or 1)
-            return ("succeeded", 0) if code == 0 else (
-                ("cancelled", code) if code == EXIT_CANCELLED else ("failed", code))
+            return (
+                ("succeeded", 0)
+                if code == 0
+                else (("cancelled", code) if code == EXIT_CANCELLED else ("failed", code))
+            )
         cp = _slurm(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State,ExitCode"])
         if cp.returncode == 0 and cp.stdout.strip():
             state, _, exit_field = cp.stdout.strip().splitlines()[0].partition("|")

@@ -43,8 +43,13 @@ class Resources(Section):
     )
     volume_claim: str | None = Field(
         None,
-        description="Kubernetes: an existing ReadWriteMany PersistentVolumeClaim for runs and cache; "
-        "default: the job creates `qa-runner-<namespace>-runs`.",
+        description="Kubernetes: an existing ReadWriteMany PersistentVolumeClaim for runs, data and cache; "
+        "default: `qa-runner-runs`, created on first use and shared by the jobs of the namespace.",
+    )
+    registry: str | None = Field(
+        None,
+        description="Registry prefix the cluster pulls the job's image from (e.g. `registry.example.com/team`); "
+        "Kubernetes and Slurm/pyxis need the image pushed there.",
     )
     slurm_container: Literal["none", "apptainer", "pyxis"] = Field(
         "none",
