@@ -500,6 +500,16 @@ def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
     ev = _load_json(eval_run.dir / "eval.json")
     job = eval_run.job_data()
     ck_real = os.path.realpath(checkpoint)
+    target = ev.get("target") if isinstance(ev, dict) else None
+    if isinstance(target, dict):  # what the eval workload records it scored
+        kind = target.get("type")
+        if kind == "run":
+            return os.path.realpath(str(target.get("checkpoint_path", ""))) == ck_real
+        if kind == "registry":
+            src = target.get("source") or {}
+            return src.get("run_id") == run.id and src.get("checkpoint") == checkpoint.name
+        if kind == "ensemble":  # an ensemble's accuracy is not this checkpoint's
+            return False
     for src in (ev, job):
         if _mentions(src, (ck_real, str(checkpoint), str(checkpoint / "adapter"))):
             return True

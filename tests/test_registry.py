@@ -198,7 +198,8 @@ def test_gate_accepts_an_equal_or_better_candidate_with_a_paired_test(runner_hom
     assert Registry(runner_home).resolve("qa@champion") == ("qa", 2)
 
 
-def make_eval_run(home: Path, run_ref: str, selector: str, correct: dict[str, bool], name: str = "ev") -> Path:
+def make_eval_run(home: Path, run_ref: str, selector: str, correct: dict[str, bool], name: str = "ev",
+                  target: dict[str, Any] | None = None) -> Path:
     """A finished `eval` run on `run_ref`'s checkpoint, as the evaluation workload leaves it."""
     from ruamel.yaml import YAML
 
@@ -208,8 +209,10 @@ def make_eval_run(home: Path, run_ref: str, selector: str, correct: dict[str, bo
                 (d / "job.yaml").open("w"))
     (d / "status.json").write_text(json.dumps({"kind": "eval", "state": "succeeded"}))
     preds = [{"id": q, "pred": "A" if ok else "B", "answer": "A", "probs": [0.5, 0.5]} for q, ok in correct.items()]
-    (d / "eval.json").write_text(json.dumps({"accuracy": sum(correct.values()) / len(correct), "n": len(correct),
-                                             "predictions": preds}))
+    out: dict[str, Any] = {"accuracy": sum(correct.values()) / len(correct), "n": len(correct), "predictions": preds}
+    if target is not None:
+        out["target"] = target
+    (d / "eval.json").write_text(json.dumps(out))
     return d
 
 
@@ -218,8 +221,12 @@ def test_gate_uses_eval_runs_on_the_same_questions(runner_home: Path, adapters: 
     a = make_run(runner_home, adapters, "q1", acc={20: 0.9}, best=20)
     b = make_run(runner_home, adapters, "q2", acc={20: 0.5}, best=20, data_seed=3, adapter="a2")
     make_eval_run(runner_home, a, "best", {q: i < 20 for i, q in enumerate(ids)})  # 0.5
-    make_eval_run(runner_home, b, "step-20", {q: i >= 10 for i, q in enumerate(ids)})  # 0.75
+    ck_b = runner_home / "runs" / b / "checkpoints" / "step-00000020"
+    make_eval_run(runner_home, b, "step-20", {q: i >= 10 for i, q in enumerate(ids)},  # 0.75
+                  target={"type": "run", "run": b, "checkpoint_path": str(ck_b)})
     make_eval_run(runner_home, b, "step-10", {q: False for q in ids})  # another checkpoint: ignored
+    make_eval_run(runner_home, b, "best", {q: True for q in ids},  # an ensemble containing it: not its accuracy
+                  target={"type": "ensemble", "members": [{"type": "run", "checkpoint_path": str(ck_b)}]})
     assert run_cli("promote", a, "--to", "qa", "--alias", "champion").returncode == 0
     m1 = manifest(runner_home, "qa", 1)
     assert m1["eval"]["kind"] == "eval-run" and m1["eval"]["accuracy"] == 0.5
