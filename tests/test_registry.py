@@ -462,6 +462,49 @@ def test_a_tiny_base_is_bundled_so_the_version_stands_alone(runner_home: Path, t
     assert torch.allclose(score_mcq(model, tok2, items), score_mcq(peft_model, tok, items), atol=1e-5)
 
 
+QUICK_JOB = """\
+kind: train
+name: {name}
+model:
+  base: tiny
+lora: {{r: 16, alpha: 32}}
+data:
+  train: "builtin:categories?per_topic=60&topics=tools,clothing,nature,body"
+  val_fraction: 0.2
+  val_limit: 48
+train: {{steps: {steps}, batch_size: 16, lr: 0.003, warmup_steps: 2, eval_every: 10, save_every: 10,
+        log_every: 10, threads: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_quickstart_sized_runs_promote_refuse_and_force(runner_home: Path, tmp_path: Path) -> None:
+    """Two real training runs on the tiny base: the better one becomes @champion, the barely trained one is refused
+    (both numbers printed), --force accepts it, and `registry show` leads back to the run and its spec."""
+    import importlib.util
+
+    if importlib.util.find_spec("runner.workloads.train") is None:
+        pytest.skip("the train workload (runner/workloads/train.py) is not in this tree")
+    runs = {}
+    for name, steps in (("qs-good", 40), ("qs-short", 2)):
+        job = tmp_path / f"{name}.yaml"
+        job.write_text(QUICK_JOB.format(name=name, steps=steps))
+        p = run_cli("run", str(job), timeout=900)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[name] = RunStore(runner_home).get(name).ref
+    assert run_cli("promote", runs["qs-good"], "--to", "qa-agent", "--alias", "champion").returncode == 0
+    good = manifest(runner_home, "qa-agent", 1)["eval"]["accuracy"]
+    p = run_cli("promote", runs["qs-short"], "--to", "qa-agent", "--alias", "champion")
+    if p.returncode == 0:
+        pytest.fail(f"a 2-step run was not worse than a 40-step run ({good}):\n{p.stdout}")
+    assert p.returncode == 1 and f"{good:.4f}" in p.stderr and "refused" in p.stderr
+    p = run_cli("promote", runs["qs-short"], "--to", "qa-agent", "--alias", "champion", "--force")
+    assert p.returncode == 0, p.stderr
+    show = run_cli("registry", "show", "qa-agent@champion")
+    assert runs["qs-short"] in show.stdout and "forced" in show.stdout and "base model  tiny" in show.stdout
+    assert run_cli("registry", "verify", "qa-agent:v1").returncode == 0
+
+
 # --- serving image on the real engine ------------------------------------------------------------------
 
 
