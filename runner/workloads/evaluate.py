@@ -1,0 +1,508 @@
+"""The `eval` workload: score models on MCQ data and write eval.json, report.md and a reliability diagram.
+
+A target is a base model, a run's checkpoint (base from the run's job.yaml + its LoRA adapter) or a registry
+version; `models: [...]` scores several and combines them (probability mean and majority vote), each member
+reported beside the ensemble. Accuracy comes with breakdowns (topic, source, difficulty), ECE, Brier and NLL;
+optionally the letter-prior bias and cyclic-permutation debiasing, and an lm-eval style cross-check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.workloads.calibration import (
+    brier_score,
+    cyclic_debias,
+    expected_calibration_error,
+    letter_bias,
+    nll,
+    prediction_shares,
+    reliability_bins,
+)
+from runner.workloads.prompts import LETTERS
+from runner.workloads.scoring import compile_decoder_layers, score_mcq, score_mcq_per_choice
+
+
+class EvalError(Exception):
+    """A problem the user can fix (unknown run, missing checkpoint, bad data): printed as one line."""
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+
+def _breakdown(records: Sequence[Any], correct: torch.Tensor, attr: str) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[str(getattr(r, attr, "") or "unknown")].append(i)
+    return {
+        k: {"n": len(ix), "accuracy": float(correct[ix].mean())}
+        for k, ix in sorted(groups.items(), key=lambda kv: kv[0])
+    }
+
+
+def summarize(records: Sequence[Any], probs: torch.Tensor, bins: int = 15) -> dict[str, Any]:
+    """Accuracy overall and by topic/source/difficulty, n, ECE, Brier, NLL and mean confidence."""
+    gold = torch.tensor([LETTERS.index(r.answer) for r in records], dtype=torch.long)
+    pred = probs.argmax(-1)
+    correct = (pred == gold).float()
+    n = len(records)
+    return {
+        "n": n,
+        "correct": int(correct.sum()),
+        "accuracy": float(correct.mean()) if n else 0.0,
+        "accuracy_ci95": wilson_interval(int(correct.sum()), n),
+        "ece": expected_calibration_error(probs, gold, bins),
+        "brier": brier_score(probs, gold),
+        "nll": nll(probs, gold),
+        "mean_confidence": float(probs.max(-1).values.mean()) if n else 0.0,
+        "by_difficulty": _breakdown(records, correct, "difficulty"),
+        "by_topic": _breakdown(records, correct, "topic"),
+        "by_source": _breakdown(records, correct, "source"),
+        "prediction_shares": prediction_shares(probs, gold, [len(r.choices) for r in records]),
+        "reliability": reliability_bins(probs, gold, bins),
+    }
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """95% Wilson score interval of an accuracy k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, mid - half), min(1.0, mid + half)]
+
+
+def predictions(records: Sequence[Any], probs: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Per-question rows: id, gold, prediction, correctness, confidence and the letter probabilities."""
+    pred = probs.argmax(-1).tolist()
+    rows = []
+    for i, r in enumerate(records):
+        k = len(r.choices)
+        row: dict[str, Any] = {
+            "id": r.id,
+            "answer": r.answer,
+            "pred": LETTERS[pred[i]],
+            "correct": LETTERS[pred[i]] == r.answer,
+            "confidence": round(float(probs[i, pred[i]]), 6),
+            "probs": {LETTERS[j]: round(float(probs[i, j]), 6) for j in range(k)},
+            "topic": getattr(r, "topic", None),
+            "source": getattr(r, "source", None),
+            "difficulty": getattr(r, "difficulty", None),
+        }
+        for name, t in (extra or {}).items():
+            row[name] = LETTERS[int(t[i])] if t.ndim == 1 else {LETTERS[j]: round(float(t[i, j]), 6) for j in range(k)}
+        rows.append(row)
+    return rows
+
+
+def ensemble(member_probs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean probabilities, majority-vote prediction); a tied vote goes to the tied letter with the higher mean."""
+    stacked = torch.stack([p.float() for p in member_probs])  # [m, n, 10]
+    mean = stacked.mean(0)
+    votes = torch.zeros_like(mean).scatter_add_(
+        1, stacked.argmax(-1).T.contiguous(), torch.ones(mean.shape[0], stacked.shape[0])
+    )
+    # Among the letters with the most votes, the highest mean probability wins (it is < 1, votes are integers).
+    vote = (votes + mean * (votes == votes.max(-1, keepdim=True).values)).argmax(-1)
+    return mean, vote
+
+
+def vote_probs(vote: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Probabilities that put the vote's letter on top: the mean, with the winner's mass swapped in front."""
+    out = mean.clone()
+    top = mean.argmax(-1)
+    rows = torch.arange(mean.shape[0])
+    w, t = out[rows, vote].clone(), out[rows, top].clone()
+    out[rows, vote], out[rows, top] = t, w
+    return out
+
+
+# --- targets -------------------------------------------------------------------------------------------
+
+
+def _adapter_dir(checkpoint: Path) -> Path:
+    for d in (checkpoint / "adapter", checkpoint):
+        if (d / "adapter_config.json").is_file():
+            return d
+    raise EvalError(f"{checkpoint} holds no PEFT adapter (adapter_config.json); is it a LoRA training checkpoint?")
+
+
+def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, what it is) for one eval target."""
+    from runner.spec.models import ModelSpec
+    from runner.workloads.modeling import load_adapter, load_model_and_tokenizer
+
+    if member.model is not None:
+        model, tok = load_model_and_tokenizer(member.model, device, log=log)
+        return model, tok, {"type": "model", "base": member.model.base}
+    if member.run is not None:
+        from runner.registry import RegistryError, select_checkpoint
+        from runner.runs import RunError, RunStore
+
+        try:
+            run = RunStore().get(member.run)
+            ck = select_checkpoint(run, member.checkpoint)
+        except (RunError, RegistryError) as e:
+            raise EvalError(f"run: {e}") from None
+        job_data = run.job_data()
+        if not isinstance(job_data.get("model"), dict):
+            raise EvalError(f"run {run.ref}: its job.yaml names no `model`; only training runs can be evaluated")
+        spec = ModelSpec.model_validate(job_data["model"]).model_copy(update={"gradient_checkpointing": False})
+        adapter = _adapter_dir(ck)
+        base, tok = load_model_and_tokenizer(spec, device, log=log)
+        model = load_adapter(base, adapter, trainable=False)
+        model.eval()
+        return model, tok, {
+            "type": "run", "run": run.ref, "run_id": run.id, "checkpoint": ck.name, "checkpoint_selector":
+            member.checkpoint, "checkpoint_path": os.path.realpath(ck), "base": spec.base,
+        }
+    from runner.registry import RegistryError
+    from runner.workloads.artifact import load_artifact
+
+    try:
+        model, tok, manifest = load_artifact(member.registry, device)
+    except RegistryError as e:
+        raise EvalError(f"registry: {e}") from None
+    return model, tok, {
+        "type": "registry", "ref": member.registry, "name": manifest.get("name"), "version": manifest.get("version"),
+        "source": manifest.get("source"),
+    }
+
+
+def member_label(member: Any, info: dict[str, Any], i: int) -> str:
+    if getattr(member, "name", None):
+        return str(member.name)
+    if info["type"] == "run":
+        return f"{info['run']}:{info['checkpoint']}"
+    if info["type"] == "registry":
+        return f"{info['name']}:v{info['version']}"
+    return f"{info['base']}" if i == 0 else f"{info['base']}#{i}"
+
+
+# --- the job -------------------------------------------------------------------------------------------
+
+
+def load_records(spec: Any) -> list[Any]:
+    from runner.workloads.data import DataError, load_sources, subsample
+
+    try:
+        records = load_sources(spec.data, seed=spec.seed, base_dir=Path.cwd())
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    except FileNotFoundError as e:
+        raise EvalError(f"data: {e}") from None
+    if spec.limit is not None:
+        records = subsample(records, spec.limit, spec.seed)
+    if not records:
+        raise EvalError("data: the sources hold no questions")
+    seen: Counter[str] = Counter()
+    for r in records:  # paired tests match questions by id: ids must be unique
+        seen[r.id] += 1
+        if seen[r.id] > 1:
+            r.id = f"{r.id}#{seen[r.id]}"
+    return records
+
+
+def eval_set_id(records: Sequence[Any]) -> str:
+    """Identifies the question set (the registry's promotion gate compares evals on the same set)."""
+    from runner.registry import ids_set_id
+
+    return ids_set_id([r.id for r in records])
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("device: cuda requested but no GPU is visible; set device: auto or cpu")
+    return name
+
+
+def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: Any = print) -> dict[str, Any]:
+    """Score one model: letters and/or per-choice, optional bias and debiasing; returns tensors and facts."""
+    sc, cal = spec.scoring, spec.calibration
+
+    def letters(items: Sequence[Any]) -> torch.Tensor:
+        return score_mcq(model, tok, items, sc.batch_size, max_batch_tokens=sc.max_batch_tokens, max_length=sc.max_length)
+
+    if sc.compile and next(model.parameters()).device.type == "cuda":
+        compile_decoder_layers(model)
+    out: dict[str, Any] = {"timing": {}}
+    if sc.method in ("letters", "both"):
+        t0 = time.perf_counter()
+        out["probs"] = letters(records)
+        dt = time.perf_counter() - t0
+        out["timing"]["letters_s"] = round(dt, 3)
+        out["timing"]["questions_per_s"] = round(len(records) / max(dt, 1e-9), 1)
+    if sc.method in ("per_choice", "both"):
+        t0 = time.perf_counter()
+        pc = score_mcq_per_choice(model, tok, records, sc.batch_size, normalize=sc.normalize,
+                                  max_batch_tokens=sc.max_batch_tokens)
+        dt = time.perf_counter() - t0
+        out["timing"]["per_choice_s"] = round(dt, 3)
+        if sc.method == "per_choice":
+            out["probs"] = pc
+            out["timing"]["questions_per_s"] = round(len(records) / max(dt, 1e-9), 1)
+        else:
+            agree = float((pc.argmax(-1) == out["probs"].argmax(-1)).float().mean())
+            out["cross_check"] = {
+                "agreement": agree, "per_choice": summarize(records, pc, cal.bins),
+                "speedup_vs_per_choice": round(dt / max(out["timing"]["letters_s"], 1e-9), 2),
+            }
+            out["cross_check"]["per_choice"].pop("reliability")
+            out["per_choice_pred"] = pc.argmax(-1)
+            log(f"  per-choice cross-check: agreement {agree:.1%}, letters method {out['cross_check']['speedup_vs_per_choice']}x faster")
+    score_fn = letters if sc.method != "per_choice" else (
+        lambda items: score_mcq_per_choice(model, tok, items, sc.batch_size, normalize=sc.normalize,
+                                           max_batch_tokens=sc.max_batch_tokens))
+    gold = [LETTERS.index(r.answer) for r in records]
+    if cal.letter_bias:
+        out["letter_bias"] = letter_bias(score_fn, records, gold)
+        lb = out["letter_bias"]
+        log("  letter bias: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in lb["accuracy_by_position"].items())
+            + f" (spread {lb['spread']:.1%}, {lb['cost']['seconds']:.1f} s)")
+    if cal.debias:
+        debiased, cost = cyclic_debias(score_fn, records)
+        out["plain_probs"] = out["probs"]
+        out["probs"] = debiased
+        out["debias"] = {"method": "cyclic", "cost": cost,
+                         "plain_accuracy": float((out["plain_probs"].argmax(-1) == torch.tensor(gold)).float().mean())}
+        log(f"  debiased over cyclic shifts: {cost['passes']} passes, {cost['seconds']:.1f} s")
+    return out
+
+
+def _member_result(label: str, info: dict[str, Any], scored: dict[str, Any], records: Sequence[Any], bins: int) -> dict[str, Any]:
+    res = {"label": label, "target": info, **summarize(records, scored["probs"], bins), "timing": scored["timing"]}
+    for k in ("cross_check", "letter_bias", "debias"):
+        if k in scored:
+            res[k] = scored[k]
+    return res
+
+
+def evaluate(spec: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
+    """Run the whole eval; write eval.json, report.md, reliability.png; return the eval.json object."""
+    t_start = time.perf_counter()
+    device = _device(spec.device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    records = load_records(spec)
+    log(f"{len(records)} questions from {len(spec.data)} source(s); device {device}")
+    members = spec.members()
+    results: list[dict[str, Any]] = []
+    member_probs: list[torch.Tensor] = []
+    extras: dict[str, torch.Tensor] = {}
+    for i, member in enumerate(members):
+        t0 = time.perf_counter()
+        model, tok, info = load_member(member, device, log=log)
+        label = member_label(member, info, i)
+        log(f"[{i + 1}/{len(members)}] {label}: loaded in {time.perf_counter() - t0:.1f} s")
+        scored = score_member(model, tok, records, spec, log=log)
+        res = _member_result(label, info, scored, records, spec.calibration.bins)
+        log(f"  accuracy {res['accuracy']:.2%} (n={res['n']}), ECE {res['ece']:.3f}, Brier {res['brier']:.3f}, "
+            f"{scored['timing'].get('questions_per_s', 0)} questions/s")
+        results.append(res)
+        member_probs.append(scored["probs"])
+        if len(members) == 1:
+            if "plain_probs" in scored:
+                extras["plain_probs"] = scored["plain_probs"]
+            if "per_choice_pred" in scored:
+                extras["per_choice_pred"] = scored["per_choice_pred"]
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    bins = spec.calibration.bins
+    out: dict[str, Any] = {
+        "format": 1,
+        "job": spec.name,
+        "eval_set": eval_set_id(records),
+        "data": [s.model_dump(mode="json") for s in spec.data],
+        "method": spec.scoring.method,
+        "device": device,
+    }
+    if len(members) == 1:
+        main = results[0]
+        out.update({k: v for k, v in main.items() if k not in ("label",)})
+        out["label"] = main["label"]
+        final_probs = member_probs[0]
+    else:
+        mean, vote = ensemble(member_probs)
+        by_mean = summarize(records, mean, bins)
+        by_vote = summarize(records, vote_probs(vote, mean), bins)
+        chosen = by_mean if spec.ensemble == "mean" else by_vote
+        final_probs = mean if spec.ensemble == "mean" else vote_probs(vote, mean)
+        out.update(chosen)
+        out["label"] = f"ensemble ({spec.ensemble}) of {len(members)}"
+        out["target"] = {"type": "ensemble", "method": spec.ensemble, "members": [r["target"] for r in results]}
+        preds = torch.stack([p.argmax(-1) for p in member_probs])
+        out["ensemble"] = {
+            "method": spec.ensemble,
+            "mean": {k: by_mean[k] for k in ("n", "accuracy", "ece", "brier", "by_difficulty")},
+            "vote": {k: by_vote[k] for k in ("n", "accuracy", "ece", "brier", "by_difficulty")},
+            "members_agree": float((preds == preds[0]).all(0).float().mean()),
+            "oracle_accuracy": float((preds == torch.tensor([LETTERS.index(r.answer) for r in records])).any(0).float().mean()),
+        }
+        out["members"] = results
+        extras = {"vote": vote, "mean_pred": mean.argmax(-1)}
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    if spec.predictions:
+        out["predictions"] = predictions(records, final_probs, extras)
+    write_outputs(out, run_dir)
+    return out
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def reliability_png(out: dict[str, Any], path: Path) -> None:
+    """Reliability diagram (accuracy against confidence per bin) with the confidence histogram beneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(out.get("label", "model"), out["reliability"])]
+    curves += [(m["label"], m["reliability"]) for m in out.get("members", [])]
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    main = curves[0][1]
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in main], [b["accuracy"] for b in main],
+           width=[b["hi"] - b["lo"] for b in main], alpha=0.35, edgecolor="k", label=f"{curves[0][0]} (bins)")
+    for label, bins in curves:
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", ms=3, label=label)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability: ECE {out['ece']:.3f}, accuracy {out['accuracy']:.1%} (n={out['n']})")
+    ax.legend(fontsize=7, loc="upper left")
+    hx.bar([(b["lo"] + b["hi"]) / 2 for b in main], [b["n"] for b in main],
+           width=[b["hi"] - b["lo"] for b in main], color="C0", edgecolor="k")
+    hx.set_xlabel("confidence (top letter probability)")
+    hx.set_ylabel("questions")
+    hx.set_xlim(0, 1)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def report_md(out: dict[str, Any]) -> str:
+    lo, hi = out["accuracy_ci95"]
+    lines = [
+        f"# Eval: {out['job']}",
+        "",
+        f"**{out['label']}** on {out['n']} questions (`{out['eval_set']}`), method `{out['method']}`, "
+        f"device {out['device']}, {out['seconds']} s.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {_pct(out['accuracy'])} ({out['correct']}/{out['n']}; 95% CI {_pct(lo)}-{_pct(hi)}) |",
+        f"| ECE | {out['ece']:.4f} |",
+        f"| Brier | {out['brier']:.4f} |",
+        f"| NLL | {out['nll']:.4f} |",
+        f"| mean confidence | {out['mean_confidence']:.4f} |",
+    ]
+    if "timing" in out and out["timing"].get("questions_per_s"):
+        lines.append(f"| questions/s | {out['timing']['questions_per_s']} |")
+    lines += ["", "![reliability diagram](reliability.png)", ""]
+    for title, key in (("difficulty", "by_difficulty"), ("source", "by_source"), ("topic", "by_topic")):
+        rows = out.get(key) or {}
+        if not rows:
+            continue
+        lines += [f"## By {title}", "", f"| {title} | n | accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} |" for k, v in rows.items()]
+        lines.append("")
+    shares = out.get("prediction_shares") or {}
+    if shares:
+        lines += ["## Letters predicted vs answers", "", "| letter | predicted | gold |", "|---|---|---|"]
+        lines += [f"| {k} | {_pct(v['predicted'])} | {_pct(v['gold'])} |" for k, v in shares.items()]
+        lines.append("")
+    sections = [out] + list(out.get("members", []))
+    for sec in sections:
+        who = "" if sec is out else f" ({sec['label']})"
+        if "letter_bias" in sec:
+            lb = sec["letter_bias"]
+            lines += [f"## Letter-prior bias{who}", "", "Accuracy with the gold answer moved to each position:", "",
+                      "| position | n | accuracy |", "|---|---|---|"]
+            lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} |" for k, v in lb["accuracy_by_position"].items()]
+            lines += ["", f"Spread (best - worst position): {_pct(lb['spread'])}; cost {lb['cost']['passes']} passes, "
+                      f"{lb['cost']['questions_scored']} questions scored, {lb['cost']['seconds']} s.", ""]
+        if "debias" in sec:
+            d = sec["debias"]
+            lines += [f"## Permutation debiasing{who}", "",
+                      f"Cyclic shifts: accuracy {_pct(d['plain_accuracy'])} plain -> {_pct(sec['accuracy'])} debiased; "
+                      f"cost {d['cost']['passes']} passes, {d['cost']['questions_scored']} questions scored, "
+                      f"{d['cost']['seconds']} s.", ""]
+        if "cross_check" in sec:
+            c = sec["cross_check"]
+            lines += [f"## Cross-check: per-choice log-likelihood{who}", "",
+                      f"Agreement with the letters method: {_pct(c['agreement'])}; per-choice accuracy "
+                      f"{_pct(c['per_choice']['accuracy'])}; the letters method was {c['speedup_vs_per_choice']}x faster.", ""]
+    if "members" in out:
+        e = out["ensemble"]
+        lines += ["## Ensemble members", "", "| member | accuracy | ECE | Brier |", "|---|---|---|---|"]
+        lines += [f"| {m['label']} | {_pct(m['accuracy'])} | {m['ece']:.4f} | {m['brier']:.4f} |" for m in out["members"]]
+        lines += [f"| **mean of probabilities** | {_pct(e['mean']['accuracy'])} | {e['mean']['ece']:.4f} | {e['mean']['brier']:.4f} |",
+                  f"| **majority vote** | {_pct(e['vote']['accuracy'])} | {e['vote']['ece']:.4f} | {e['vote']['brier']:.4f} |",
+                  "", f"All members agree on {_pct(e['members_agree'])} of the questions; at least one is right on "
+                  f"{_pct(e['oracle_accuracy'])}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: dict[str, Any], run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "eval.json", json.dumps(out, indent=1) + "\n")
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 0, "split": "eval", "accuracy": out["accuracy"], "n": out["n"],
+                            "ece": out["ece"], "brier": out["brier"], "eval_set": out["eval_set"]}) + "\n")
+    try:
+        reliability_png(out, run_dir / "reliability.png")
+    except ImportError:
+        print("warning: matplotlib is not installed; no reliability diagram", file=sys.stderr)
+    atomic_write_text(run_dir / "report.md", report_md(out))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(job: Any, run_dir: Path) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        out = evaluate(job.spec, run_dir, log=lambda m: print(m, flush=True))
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr, flush=True)
+        return 130
+    lo, hi = out["accuracy_ci95"]
+    print(f"accuracy {out['accuracy']:.2%} (95% CI {lo:.1%}-{hi:.1%}, n={out['n']}), ECE {out['ece']:.3f}, "
+          f"Brier {out['brier']:.3f} -> {run_dir / 'eval.json'}, {run_dir / 'report.md'}", flush=True)
+    return 0
