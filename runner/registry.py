@@ -755,6 +755,8 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         raise RegistryError(
             f"the run's base model {base} is a directory on this machine, which a serving image would not have; "
             "add --merge (the image then carries full merged weights)")
+    if image:
+        _docker()  # fail fast (exit 3) before copying or merging anything
     evals = collect_evals(run, ck, job_data)
     messages: list[str] = []
     if not evals and not force:

@@ -331,6 +331,16 @@ def test_verify_detects_a_flipped_byte_and_loading_refuses(runner_home: Path, ad
     assert p.returncode == 1 and "extra.bin: not in the manifest" in p.stderr and "source/job.yaml: missing" in p.stderr
 
 
+def test_image_without_an_engine_is_an_environment_error(runner_home: Path, adapters: dict[str, Path]) -> None:
+    ref = make_run(runner_home, adapters, acc={20: 0.7}, best=20)
+    p = run_cli("promote", ref, "--to", "qa", "--image", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert p.returncode == 2 and "--merge" in p.stderr  # a local-directory base cannot go into an image alone
+    p = run_cli("promote", ref, "--to", "qa", "--image", "--merge",
+                env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert p.returncode == 3 and "no Docker engine" in p.stderr and "Traceback" not in p.stderr
+    assert Registry(runner_home).versions("qa") == []
+
+
 def test_registry_imports_no_torch() -> None:
     code = ("import sys, runner.registry, runner.cli; from runner.registry import resolve_artifact; "
             "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
