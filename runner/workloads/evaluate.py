@@ -9,7 +9,6 @@ optionally the letter-prior bias and cyclic-permutation debiasing, and an lm-eva
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from runner.stats import wilson_interval
 from runner.workloads.calibration import (
     brier_score,
     cyclic_debias,
@@ -61,7 +61,7 @@ def summarize(records: Sequence[Any], probs: torch.Tensor, bins: int = 15) -> di
         "n": n,
         "correct": int(correct.sum()),
         "accuracy": float(correct.mean()) if n else 0.0,
-        "accuracy_ci95": wilson_interval(int(correct.sum()), n),
+        "accuracy_ci95": list(wilson_interval(int(correct.sum()), n)),
         "ece": expected_calibration_error(probs, gold, bins),
         "brier": brier_score(probs, gold),
         "nll": nll(probs, gold),
@@ -72,17 +72,6 @@ def summarize(records: Sequence[Any], probs: torch.Tensor, bins: int = 15) -> di
         "prediction_shares": prediction_shares(probs, gold, [len(r.choices) for r in records]),
         "reliability": reliability_bins(probs, gold, bins),
     }
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float]:
-    """95% Wilson score interval of an accuracy k/n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
 def predictions(records: Sequence[Any], probs: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
