@@ -1,0 +1,374 @@
+"""Tournament (job kind `tournament`): every team's question agent plays every other team's answer agent.
+
+Per innings the Q-agent of team X writes N questions (topics in turn) and the A-agent of team Y answers the
+valid ones; then the roles swap. Rules (DESIGN.md, "The tournament"): the format filter and the time limits
+decide validity; A-score = % of faced questions answered correctly; Q-score = % of a team's valid questions
+the opponent got wrong; a team with fewer valid questions than `min_valid_fraction` is out. The ranking
+score is the mean of the two (disqualified teams rank last). Writes tournament.json and report.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner.workloads.agents import AnswerAgent, QuestionAgent, parse_answer_request
+from runner.workloads.format_filter import (
+    FormatLimits,
+    TokenCounter,
+    approx_token_count,
+    check_answer,
+    check_question,
+    public_view,
+)
+
+
+class AnswerPlayer(Protocol):
+    def answer(self, questions: list[dict[str, Any]], per_item_s: float) -> list[Any]: ...
+
+
+class QuestionPlayer(Protocol):
+    def write(self, topic: str, limit_s: float) -> Any: ...
+
+
+# --- players ---------------------------------------------------------------------------------------------
+
+
+class LocalAnswerPlayer:
+    def __init__(self, agent: AnswerAgent):
+        self.agent = agent
+
+    def answer(self, questions: list[dict[str, Any]], per_item_s: float) -> list[Any]:
+        items = [parse_answer_request(q) for q in questions]
+        out: list[Any] = []
+        for s in range(0, len(items), self.agent.batch_size):
+            chunk = items[s : s + self.agent.batch_size]
+            # the whole chunk must finish within its items' combined limit (kept with a safety margin)
+            out += self.agent.answer_many(chunk, time.monotonic() + 0.8 * per_item_s * len(chunk))
+        return out
+
+
+class LocalQuestionPlayer:
+    def __init__(self, agent: QuestionAgent):
+        self.agent = agent
+
+    def write(self, topic: str, limit_s: float) -> Any:
+        return self.agent.one(topic)
+
+
+class HttpAnswerPlayer:
+    def __init__(self, url: str, token: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers)
+
+    def answer(self, questions: list[dict[str, Any]], per_item_s: float) -> list[Any]:
+        body = [dict(q, deadline_s=per_item_s) for q in questions]
+        r = self.client.post("/v1/answer", json=body, timeout=per_item_s * len(questions) + 5)
+        r.raise_for_status()
+        return list(r.json())
+
+
+class HttpQuestionPlayer:
+    def __init__(self, url: str, token: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers)
+
+    def write(self, topic: str, limit_s: float) -> Any:
+        r = self.client.post("/v1/question", json={"topic": topic, "n": 1}, timeout=limit_s + 1)
+        r.raise_for_status()
+        return r.json()["questions"][0]
+
+
+@dataclass
+class TeamPlayers:
+    name: str
+    answer: AnswerPlayer
+    question: QuestionPlayer
+
+
+@dataclass
+class RulesConfig:
+    rounds: int = 1
+    questions_per_innings: int = 20
+    topics: Sequence[str] = ("seating_linear",)
+    question_time_s: float = 13.0
+    answer_time_s: float = 9.0
+    min_valid_fraction: float = 0.5
+    limits: FormatLimits = field(default_factory=FormatLimits)
+    seed: int = 0
+
+
+# --- play ------------------------------------------------------------------------------------------------
+
+
+def play_innings(
+    q_team: TeamPlayers, a_team: TeamPlayers, rules: RulesConfig, count: TokenCounter, log: Any = print
+) -> dict[str, Any]:
+    """X's Q-agent writes, Y's A-agent answers; one record per question."""
+    records: list[dict[str, Any]] = []
+    topics = list(rules.topics)
+    for i in range(rules.questions_per_innings):
+        topic = topics[i % len(topics)]
+        t0 = time.monotonic()
+        try:
+            q = q_team.question.write(topic, rules.question_time_s)
+            reasons = check_question(q, count, rules.limits)
+        except Exception as e:  # a crashing or unreachable agent forfeits the question, not the tournament
+            q, reasons = None, [f"the question agent failed: {type(e).__name__}: {str(e)[:120]}"]
+        took = time.monotonic() - t0
+        if not reasons and took > rules.question_time_s:
+            reasons = [f"written in {took:.1f} s; the limit is {rules.question_time_s:g} s"]
+        records.append({"topic": topic, "valid": not reasons, "reason": reasons[0] if reasons else None,
+                        "question": q, "write_s": round(took, 3), "correct": None})
+    valid = [r for r in records if r["valid"]]
+    if valid:
+        t0 = time.monotonic()
+        try:
+            answers = a_team.answer.answer([public_view(r["question"]) for r in valid], rules.answer_time_s)
+            if len(answers) != len(valid):
+                raise ValueError(f"{len(answers)} answers to {len(valid)} questions")
+        except Exception as e:
+            log(f"  {a_team.name}'s answer agent failed: {type(e).__name__}: {str(e)[:200]}")
+            answers = [None] * len(valid)
+        per_item = (time.monotonic() - t0) / len(valid)
+        for r, a in zip(valid, answers, strict=True):
+            a_reasons = check_answer(a, 4, count, rules.limits) if a is not None else ["no answer"]
+            if per_item > rules.answer_time_s:
+                a_reasons.append(f"answered in {per_item:.1f} s per question; the limit is {rules.answer_time_s:g} s")
+            r["answer"] = a
+            r["answer_reason"] = a_reasons[0] if a_reasons else None
+            r["correct"] = not a_reasons and a["answer"] == r["question"]["answer"]
+            r["answer_s"] = round(per_item, 3)
+    return {"question_team": q_team.name, "answer_team": a_team.name, "questions": records}
+
+
+def _pct(num: int, den: int) -> float | None:
+    return round(100.0 * num / den, 2) if den else None
+
+
+def score(innings: Sequence[dict[str, Any]], teams: Sequence[str], min_valid_fraction: float) -> dict[str, Any]:
+    """Scoreboard from played innings (pure: the hand-computed example in the tests checks this)."""
+    board: dict[str, dict[str, Any]] = {}
+    for t in teams:
+        board[t] = {"written": 0, "valid": 0, "opponent_wrong": 0, "faced": 0, "correct": 0,
+                    "topics": {}, "invalid_reasons": {}}
+    for inn in innings:
+        qt, at = board[inn["question_team"]], board[inn["answer_team"]]
+        for r in inn["questions"]:
+            qt["written"] += 1
+            tq = qt["topics"].setdefault(r["topic"], {"written": 0, "valid": 0, "opponent_wrong": 0,
+                                                      "faced": 0, "correct": 0})
+            tq["written"] += 1
+            if not r["valid"]:
+                key = r["reason"] or "invalid"
+                qt["invalid_reasons"][key] = qt["invalid_reasons"].get(key, 0) + 1
+                continue
+            qt["valid"] += 1
+            tq["valid"] += 1
+            ta = at["topics"].setdefault(r["topic"], {"written": 0, "valid": 0, "opponent_wrong": 0,
+                                                      "faced": 0, "correct": 0})
+            at["faced"] += 1
+            ta["faced"] += 1
+            if r["correct"]:
+                at["correct"] += 1
+                ta["correct"] += 1
+            else:
+                qt["opponent_wrong"] += 1
+                tq["opponent_wrong"] += 1
+    for b in board.values():
+        b["answer_score"] = _pct(b["correct"], b["faced"])
+        b["question_score"] = _pct(b["opponent_wrong"], b["valid"])
+        b["valid_fraction"] = round(b["valid"] / b["written"], 4) if b["written"] else 0.0
+        b["disqualified"] = b["valid_fraction"] < min_valid_fraction
+        a_raw = b["correct"] / b["faced"] if b["faced"] else 0.0
+        q_raw = b["opponent_wrong"] / b["valid"] if b["valid"] else 0.0
+        b["score"] = round(100.0 * (a_raw + q_raw) / 2, 2)
+        for tq in b["topics"].values():
+            tq["answer_score"] = _pct(tq["correct"], tq["faced"])
+            tq["question_score"] = _pct(tq["opponent_wrong"], tq["valid"])
+    ranking = sorted(teams, key=lambda t: (board[t]["disqualified"], -board[t]["score"], t))
+    for i, t in enumerate(ranking):
+        board[t]["rank"] = i + 1
+    return {"ranking": ranking, "teams": board, "winner": None if board[ranking[0]]["disqualified"] else ranking[0]}
+
+
+def play(teams: Sequence[TeamPlayers], rules: RulesConfig, count: TokenCounter = approx_token_count,
+         log: Any = print) -> dict[str, Any]:
+    """Every ordered pair of teams plays one innings per round, in a seeded order."""
+    rng = random.Random(rules.seed)
+    innings = []
+    for rnd in range(rules.rounds):
+        pairs = list(itertools.permutations(teams, 2))
+        rng.shuffle(pairs)
+        for x, y in pairs:
+            t0 = time.monotonic()
+            inn = play_innings(x, y, rules, count, log)
+            inn["round"] = rnd + 1
+            innings.append(inn)
+            qs = inn["questions"]
+            valid = sum(r["valid"] for r in qs)
+            correct = sum(bool(r["correct"]) for r in qs)
+            log(f"round {rnd + 1}: {x.name} asks, {y.name} answers: {valid}/{len(qs)} valid, "
+                f"{correct}/{valid} answered correctly ({time.monotonic() - t0:.1f} s)")
+    board = score(innings, [t.name for t in teams], rules.min_valid_fraction)
+    board["innings"] = innings
+    return board
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}%"
+
+
+def report_md(result: dict[str, Any], title: str) -> str:
+    teams = result["teams"]
+    lines = [f"# Tournament: {title}", ""]
+    w = result["winner"]
+    lines += [f"Winner: **{w}**" if w else "No winner: every team is out.", ""]
+    lines += ["| rank | team | score | A-score (correct) | Q-score (opponent wrong) | valid questions | status |",
+              "|---:|---|---:|---:|---:|---:|---|"]
+    for t in result["ranking"]:
+        b = teams[t]
+        status = "out (< {:.0%} valid)".format(result.get("min_valid_fraction", 0.5)) if b["disqualified"] else "in"
+        lines.append(
+            f"| {b['rank']} | {t} | {b['score']:.1f} | {_fmt(b['answer_score'])} ({b['correct']}/{b['faced']}) "
+            f"| {_fmt(b['question_score'])} ({b['opponent_wrong']}/{b['valid']}) "
+            f"| {b['valid']}/{b['written']} | {status} |"
+        )
+    topics = sorted({tp for b in teams.values() for tp in b["topics"]})
+    lines += ["", "## Answer agents by topic (% correct)", "", "| team | " + " | ".join(topics) + " |",
+              "|---|" + "---:|" * len(topics)]
+    for t in result["ranking"]:
+        row = [_fmt(teams[t]["topics"].get(tp, {}).get("answer_score")) for tp in topics]
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
+    lines += ["", "## Question agents by topic (% of valid questions the opponent got wrong; valid/written)", "",
+              "| team | " + " | ".join(topics) + " |", "|---|" + "---:|" * len(topics)]
+    for t in result["ranking"]:
+        cells = []
+        for tp in topics:
+            d = teams[t]["topics"].get(tp)
+            cells.append("-" if not d or not d["written"] else f"{_fmt(d['question_score'])} ({d['valid']}/{d['written']})")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    reasons = {t: b["invalid_reasons"] for t, b in teams.items() if b["invalid_reasons"]}
+    if reasons:
+        lines += ["", "## Why questions were invalid", ""]
+        for t, rs in reasons.items():
+            for r, n in sorted(rs.items(), key=lambda x: -x[1]):
+                lines.append(f"- {t}: {n} x {r}")
+    return "\n".join(lines) + "\n"
+
+
+# --- the job ----------------------------------------------------------------------------------------------------
+
+
+def _source_key(src: Any) -> str:
+    return json.dumps({k: src.model_dump(mode="json").get(k) for k in ("model", "adapter", "registry")}, sort_keys=True)
+
+
+def build_teams(spec: Any, log: Any = print) -> tuple[list[TeamPlayers], TokenCounter, dict[str, str]]:
+    """Players for every team (models shared between teams that name the same one) and the judge's counter."""
+    from runner.workloads.agents import load_source, pick_device
+    from runner.workloads.format_filter import token_counter
+    from runner.workloads.serve import question_agent_from_spec, resolve_token
+
+    device = pick_device(spec.device)
+    loaded: dict[str, tuple[Any, Any, str]] = {}
+
+    def load(src: Any) -> tuple[Any, Any, str]:
+        key = _source_key(src)
+        if key not in loaded:
+            loaded[key] = load_source(src, device, log)
+        return loaded[key]
+
+    counter: TokenCounter | None = None
+    if spec.rules.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        from runner.workloads.modeling import base_model_path
+
+        counter = token_counter(AutoTokenizer.from_pretrained(base_model_path(spec.rules.tokenizer, log=log)))
+    models: dict[str, str] = {}
+    answer_agents: dict[str, AnswerAgent] = {}
+    for team in spec.teams:
+        a = team.answer
+        if a.url is None:
+            m, tok, desc = load(a)
+            models[f"{team.name}/answer"] = desc
+            if counter is None:
+                counter = token_counter(tok)
+            answer_agents[team.name] = AnswerAgent([(m, tok)], permutations=a.permutations,
+                                                   deadline_s=min(a.deadline_s, spec.rules.answer_time_s),
+                                                   batch_size=a.batch_size, reasoning=a.reasoning)
+        else:
+            models[f"{team.name}/answer"] = a.url
+    count = counter or approx_token_count
+    teams = []
+    for team in spec.teams:
+        a, q = team.answer, team.question
+        aplayer: AnswerPlayer = (HttpAnswerPlayer(a.url, resolve_token(a.token)) if a.url is not None
+                                 else LocalAnswerPlayer(answer_agents[team.name]))
+        qplayer: QuestionPlayer
+        if q.url is not None:
+            qplayer = HttpQuestionPlayer(q.url, resolve_token(q.token))
+            models[f"{team.name}/question"] = q.url
+        else:
+            writer = None
+            if q.has_model():
+                m, tok, desc = load(q)
+                writer = (m, tok)
+                models[f"{team.name}/question"] = desc
+            else:
+                models[f"{team.name}/question"] = "+".join(s for s, w in q.sources.items() if w > 0)
+            checker = answer_agents.get(team.name) if q.use_answer_model else None
+            agent = question_agent_from_spec(q, checker, writer, count)
+            agent.time_limit_s = min(q.time_limit_s, spec.rules.question_time_s)
+            qplayer = LocalQuestionPlayer(agent)
+        teams.append(TeamPlayers(team.name, aplayer, qplayer))
+    return teams, count, models
+
+
+def run(job: Any, run_dir: Path) -> int:
+    from runner.workloads.serve import atomic_write_json
+
+    spec = job.spec
+    r = spec.rules
+    t0 = time.monotonic()
+    try:
+        teams, count, models = build_teams(spec)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    rules = RulesConfig(
+        rounds=r.rounds, questions_per_innings=r.questions_per_innings, topics=list(r.topics),
+        question_time_s=r.question_time_s, answer_time_s=r.answer_time_s, min_valid_fraction=r.min_valid_fraction,
+        limits=FormatLimits(question_tokens=r.question_tokens, explanation_tokens=r.explanation_tokens,
+                            answer_tokens=r.answer_tokens),
+        seed=r.seed,
+    )
+    print(f"{len(teams)} teams, {r.rounds} round(s), {r.questions_per_innings} questions per innings, "
+          f"topics: {', '.join(r.topics)}", flush=True)
+    result = play(teams, rules, count, log=lambda m: print(m, flush=True))
+    result["min_valid_fraction"] = r.min_valid_fraction
+    result["models"] = models
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    atomic_write_json(run_dir / "tournament.json", result)
+    (run_dir / ".report.md.tmp").write_text(report_md(result, job.name))
+    (run_dir / ".report.md.tmp").replace(run_dir / "report.md")
+    for t in result["ranking"]:
+        b = result["teams"][t]
+        print(f"#{b['rank']} {t}: score {b['score']:.1f}  A {_fmt(b['answer_score'])}  Q {_fmt(b['question_score'])}  "
+              f"valid {b['valid']}/{b['written']}{'  OUT' if b['disqualified'] else ''}", flush=True)
+    print(f"scoreboard: {run_dir / 'tournament.json'}, report: {run_dir / 'report.md'}", flush=True)
+    return 0

@@ -1,0 +1,136 @@
+"""Tournament scoring against a hand-computed example, the time limit, a served answer agent, and the
+`tournament` job end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _tiny_lm as tiny
+import pytest
+import torch
+
+from runner.workloads.agents import AnswerAgent
+from runner.workloads.serve import MicroBatcher, create_app
+from runner.workloads.tournament import (
+    HttpAnswerPlayer,
+    LocalAnswerPlayer,
+    RulesConfig,
+    TeamPlayers,
+    play,
+    report_md,
+)
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def q(topic: str, key: str, n_choices: int = 4, **over: Any) -> dict[str, Any]:
+    d = {"topic": topic, "question": f"Which letter is {key}?", "choices": [f"{L}) option {L}" for L in "ABCD"[:n_choices]],
+         "answer": key, "explanation": f"It is {key}."}
+    d.update(over)
+    return d
+
+
+class Scripted:
+    """Writes a fixed list of questions; answers with a fixed function."""
+
+    def __init__(self, questions: list[dict[str, Any]], answer_fn: Any, delay_s: float = 0.0):
+        self.questions = list(questions)
+        self.answer_fn = answer_fn
+        self.delay_s = delay_s
+
+    def write(self, topic: str, limit_s: float) -> Any:
+        time.sleep(self.delay_s)
+        return self.questions.pop(0)
+
+    def answer(self, questions: list[dict[str, Any]], per_item_s: float) -> list[Any]:
+        return [{"answer": self.answer_fn(x), "reasoning": "scripted"} for x in questions]
+
+
+def test_scores_match_a_hand_computed_example() -> None:
+    # red writes 3 valid questions (keys A, B, C) and one with 3 choices (invalid).
+    red = Scripted([q("t1", "A"), q("t2", "B"), q("t1", "C"), q("t2", "A", n_choices=3)],
+                   answer_fn=lambda x: "D")  # red answers D to everything
+    # blue writes 1 valid question (key D) and 3 invalid ones: blue is out (25% < 50% valid).
+    blue = Scripted([q("t1", "D"), q("t2", "E"), {k: v for k, v in q("t1", "A").items() if k != "explanation"},
+                     q("t2", "B", explanation="word " * 101)],
+                    answer_fn=lambda x: "A")  # blue answers A to everything
+    rules = RulesConfig(questions_per_innings=4, topics=["t1", "t2"])
+    res = play([TeamPlayers("red", red, red), TeamPlayers("blue", blue, blue)], rules, log=lambda m: None)
+    r, b = res["teams"]["red"], res["teams"]["blue"]
+    # By hand: blue faces red's 3 valid questions and gets only the first (A) right: A-score 1/3; red's Q-score 2/3.
+    assert (b["correct"], b["faced"], b["answer_score"]) == (1, 3, 33.33)
+    assert (r["opponent_wrong"], r["valid"], r["question_score"]) == (2, 3, 66.67)
+    # red faces blue's 1 valid question (key D) and answers D: A-score 100%; blue's Q-score 0%.
+    assert (r["correct"], r["faced"], r["answer_score"]) == (1, 1, 100.0)
+    assert (b["opponent_wrong"], b["valid"], b["question_score"]) == (0, 1, 0.0)
+    assert (r["valid_fraction"], b["valid_fraction"]) == (0.75, 0.25)
+    assert not r["disqualified"] and b["disqualified"]
+    assert r["score"] == 83.33 and b["score"] == 16.67  # (100 + 66.67) / 2 and (33.33 + 0) / 2
+    assert res["ranking"] == ["red", "blue"] and res["winner"] == "red"
+    # per topic: red's t1 questions (A, C) -> blue wrong once: 50%; t2 (B) -> wrong: 100%, 1 of 2 valid
+    assert r["topics"]["t1"]["question_score"] == 50.0
+    assert (r["topics"]["t2"]["question_score"], r["topics"]["t2"]["valid"], r["topics"]["t2"]["written"]) == (100.0, 1, 2)
+    assert b["topics"]["t1"]["answer_score"] == 50.0 and b["topics"]["t2"]["answer_score"] == 0.0
+    assert sum(b["invalid_reasons"].values()) == 3
+    md = report_md(res, "example")
+    assert "Winner: **red**" in md and "| 1 | red | 83.3 |" in md and "out (< 50% valid)" in md
+
+
+def test_a_question_over_the_time_limit_is_invalid() -> None:
+    slow = Scripted([q("t1", "A"), q("t1", "B")], answer_fn=lambda x: "A", delay_s=0.3)
+    fast = Scripted([q("t1", "A"), q("t1", "B")], answer_fn=lambda x: "A")
+    rules = RulesConfig(questions_per_innings=2, topics=["t1"], question_time_s=0.2)
+    res = play([TeamPlayers("slow", slow, slow), TeamPlayers("fast", fast, fast)], rules, log=lambda m: None)
+    assert res["teams"]["slow"]["valid"] == 0 and res["teams"]["slow"]["disqualified"]
+    assert "limit is 0.2 s" in next(iter(res["teams"]["slow"]["invalid_reasons"]))
+    assert res["teams"]["fast"]["valid"] == 2
+
+
+def test_a_served_answer_agent_plays_over_http() -> None:
+    from test_serve import LiveServer
+
+    agent = AnswerAgent([(tiny.model(), tiny.tokenizer())])
+    batcher = MicroBatcher(agent).start()
+    writer = Scripted([q("t1", "A"), q("t1", "B"), q("t1", "C")] * 2, answer_fn=lambda x: "A")
+    with LiveServer(create_app(agent, batcher)) as srv:
+        served = TeamPlayers("served", HttpAnswerPlayer(srv.url), writer)
+        local = TeamPlayers("local", LocalAnswerPlayer(agent), writer)
+        res = play([served, local], RulesConfig(questions_per_innings=3, topics=["t1"]), log=lambda m: None)
+    batcher.stop()
+    # both sides run the same model on the same questions, over HTTP or in-process: same answers
+    inn = {i["answer_team"]: i for i in res["innings"]}
+    got = {t: [r["answer"]["answer"] for r in inn[t]["questions"]] for t in inn}
+    assert got["served"] == got["local"] and res["teams"]["served"]["faced"] == 3
+
+
+@pytest.mark.slow
+def test_tournament_local_job_runs_on_cpu_and_writes_the_scoreboard(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from runner.spec import load_job
+
+    job = load_job(ROOT / "jobs" / "tournament-local.yaml")
+    from ruamel.yaml import YAML
+
+    with open(run_dir / "job.yaml", "w") as f:
+        YAML().dump(job.data(), f)
+    env = dict(os.environ, RUNNER_RUN_DIR=str(run_dir))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "runner.workloads"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    board = json.loads((run_dir / "tournament.json").read_text())
+    assert set(board["teams"]) == {"quickstart", "procedural-baseline"}
+    for b in board["teams"].values():
+        assert b["written"] > 0 and b["answer_score"] is not None
+        assert b["valid_fraction"] >= 0.5  # both agents keep to the format
+    assert (run_dir / "report.md").read_text().startswith("# Tournament")
+    assert took < 300, took
