@@ -72,7 +72,7 @@ class TinyModel(Section):
     layers: int = Field(2, ge=1, le=48, description="Transformer layers of the tiny model.")
     heads: int = Field(4, ge=1, description="Attention heads of the tiny model.")
     pretrain_steps: int = Field(
-        600, ge=0, description="Full-parameter pretraining steps on the built-in MCQ corpus (cached)."
+        250, ge=0, description="Full-parameter pretraining steps on the built-in MCQ corpus (cached)."
     )
     seed: int = Field(0, description="Seed for the tiny model's initialisation and pretraining.")
 
@@ -132,6 +132,7 @@ class Curriculum(Section):
     full_at: float = Field(
         0.5, gt=0.0, le=1.0, description="Fraction of training after which the whole pool is available."
     )
+    stages: int = Field(3, ge=1, le=100, description="Number of equal jumps of the pool for `pacing: step`.")
 
 
 class Replay(Section):

@@ -1,8 +1,9 @@
 """Built-in MCQ data sets the runner generates offline (`path: builtin:<name>`), deterministic from a seed.
 
-`categories`: 16 topics of everyday knowledge, each with four categories of eight words. Questions ask which
-word belongs to a category, which does not, or what category a word is in. The facts are fixed, so a small
-model can really learn a topic and be validated on questions it never saw (new word/distractor combinations).
+`categories`: 16 topics of everyday knowledge, each with four categories of eight words. Each question asks,
+in one of several phrasings, which category a word belongs to; the choices are the topic's categories. The
+facts are fixed, so a small model can really learn a topic and be validated on questions it never saw
+(other phrasings of the same facts).
 The first eight topics (`BASE_TOPICS`) are what the offline `tiny` base model is pretrained on; the other
 eight (`NEW_TOPICS`) are left for fine-tuning experiments, so an adapter's gain on them is honest.
 """
@@ -121,41 +122,47 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
-def _question(rng: random.Random, topic: str, n_choices: int = 4) -> dict[str, Any]:
+# Question forms per difficulty: easy names the topic; medium does not; hard adds a word of another category
+# that the reader must not be misled by. Choices are the topic's four categories in their fixed order.
+FORMS = {
+    "easy": [
+        "In {topic}, what is {a} {word}?",
+        "In {topic}, which category does {a} {word} belong to?",
+        "Speaking of {topic}: {a} {word} is which of these?",
+    ],
+    "medium": [
+        "What is {a} {word}?",
+        "{A} {word} is best described as which of these?",
+        "Which category fits the word '{word}'?",
+        "What kind of thing is {a} {word}?",
+    ],
+    "hard": [
+        "Unlike {a2} {other}, what is {a} {word}?",
+        "Someone mentions {a2} {other} and {a} {word}. What is the {word}?",
+        "Which of these describes {a} {word} (not {a2} {other})?",
+    ],
+}
+
+
+def _question(rng: random.Random, topic: str) -> dict[str, Any]:
     cats = TOPICS[topic]
     names = list(cats)
-    kind = rng.choices(["member", "category", "odd"], weights=[0.45, 0.3, 0.25])[0]
+    difficulty = rng.choices(["easy", "medium", "hard"], weights=[0.35, 0.45, 0.2])[0]
     cat = rng.choice(names)
-    others = [c for c in names if c != cat]
-    if kind == "member":
-        correct = rng.choice(cats[cat])
-        pool = [w for c in others for w in cats[c]]
-        choices = [correct, *rng.sample(pool, n_choices - 1)]
-        question = f"Which of these is {_article(cat)} {cat}?"
-        explanation = f"{correct} is {_article(cat)} {cat}."
-        difficulty = "medium"
-    elif kind == "category":
-        correct_word = rng.choice(cats[cat])
-        correct = cat
-        choices = [cat, *rng.sample(others, min(n_choices - 1, len(others)))]
-        question = f"In {topic}, what is {correct_word}?"
-        explanation = f"{correct_word} is {_article(cat)} {cat}."
-        difficulty = "easy"
-    else:
-        other = rng.choice(others)
-        correct = rng.choice(cats[other])
-        choices = [correct, *rng.sample(cats[cat], n_choices - 1)]
-        question = f"Which of these is not {_article(cat)} {cat}?"
-        explanation = f"{correct} is {_article(other)} {other}, not {_article(cat)} {cat}."
-        difficulty = "hard"
-    rng.shuffle(choices)
+    word = rng.choice(cats[cat])
+    other_cat = rng.choice([c for c in names if c != cat])
+    other = rng.choice(cats[other_cat])
+    form = rng.choice(FORMS[difficulty])
+    question = form.format(
+        topic=topic, word=word, a=_article(word), A=_article(word).capitalize(), other=other, a2=_article(other)
+    )
     return {
         "question": question,
-        "choices": choices,
-        "answer": "ABCDEFGHIJ"[choices.index(correct)],
+        "choices": list(names),
+        "answer": "ABCD"[names.index(cat)],
         "topic": topic,
         "difficulty": difficulty,
-        "explanation": explanation,
+        "explanation": f"{_article(word).capitalize()} {word} is {_article(cat)} {cat}.",
     }
 
 

@@ -1,0 +1,158 @@
+"""Turn MCQ records into training tensors: tokenised examples, packed rows with a block-diagonal causal mask
+(samples never attend to each other; position ids restart per sample), padded batches, and the answer-only loss.
+
+Why a 4D mask: with transformers 5 on sdpa/eager, restarting position ids alone still lets a packed sample
+attend to the ones before it; an explicit additive [B, 1, T, T] mask is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from runner.workloads.prompts import answer_text, format_prompt
+
+
+@dataclass
+class Example:
+    """One tokenised sample: loss is on ids[label_start:] (the answer tokens)."""
+
+    ids: list[int]
+    label_start: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_mcq(tokenizer: Any, rec: Any, max_len: int, answer: str | None = None) -> Example:
+    """Prompt tokens exactly as scoring sees them, then the answer letter; long prompts lose their start."""
+    prompt = tokenizer.encode(format_prompt(rec.question, rec.choices))
+    completion = tokenizer.encode(answer_text(answer or rec.answer), add_special_tokens=False)
+    keep = max(1, max_len - len(completion))
+    if len(prompt) > keep:
+        prompt = prompt[-keep:]
+    return Example(ids=prompt + completion, label_start=len(prompt))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, 1, T, T] additive (packed) or [B, T] 0/1 (padded)
+    loss_mask: torch.Tensor  # [B, T] bool: positions whose next token is an answer token
+    targets: torch.Tensor  # [K] the answer tokens, in loss_mask order (row-major)
+    n_tokens: int  # real (non-pad) tokens
+    n_samples: int
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            position_ids=self.position_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            loss_mask=self.loss_mask.to(device),
+            targets=self.targets.to(device),
+            n_tokens=self.n_tokens,
+            n_samples=self.n_samples,
+        )
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Indices of samples per row, filled in order (a sample that does not fit starts the next row)."""
+    rows: list[list[int]] = []
+    fill = row_len
+    for i, n in enumerate(lengths):
+        if n > row_len:
+            raise ValueError(f"sample of {n} tokens is longer than the row length {row_len}")
+        if fill + n > row_len:
+            rows.append([])
+            fill = 0
+        rows[-1].append(i)
+        fill += n
+    return rows
+
+
+def collate_packed(
+    rows: Sequence[Sequence[Example]], pad_id: int, dtype: torch.dtype = torch.float32, row_len: int | None = None
+) -> Batch:
+    """Rows of examples -> one packed batch. T is the longest row (or `row_len`); pad positions attend only to
+    themselves (a fully masked row would give NaNs) and carry no loss."""
+    T = row_len or max(sum(len(e) for e in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.arange(T).repeat(B, 1) + 1_000_000  # pads: a segment of their own
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    targets: list[int] = []
+    n_tokens = 0
+    n_samples = 0
+    for b, row in enumerate(rows):
+        o = 0
+        for s, ex in enumerate(row):
+            n = len(ex)
+            ids[b, o : o + n] = torch.tensor(ex.ids)
+            pos[b, o : o + n] = torch.arange(n)
+            seg[b, o : o + n] = s
+            loss_mask[b, o + ex.label_start - 1 : o + n - 1] = True
+            o += n
+            n_tokens += n
+            n_samples += 1
+        targets.extend(_row_targets(row))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return Batch(ids, pos, mask, loss_mask, torch.tensor(targets, dtype=torch.long), n_tokens, n_samples)
+
+
+def _row_targets(row: Sequence[Example]) -> list[int]:
+    out: list[int] = []
+    for ex in row:
+        out.extend(ex.ids[ex.label_start :])
+    return out
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Plain right-padded batch with a 2D attention mask (one sample per row)."""
+    T = max(len(e) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    targets: list[int] = []
+    for b, ex in enumerate(examples):
+        n = len(ex)
+        ids[b, :n] = torch.tensor(ex.ids)
+        att[b, :n] = 1
+        loss_mask[b, ex.label_start - 1 : n - 1] = True
+        targets.extend(ex.ids[ex.label_start :])
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    n_tok = int(att.sum())
+    return Batch(ids, pos, att, loss_mask, torch.tensor(targets, dtype=torch.long), n_tok, B)
+
+
+def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """Logits [K, V] at the answer positions only: the lm_head runs on K hidden states, not B*T."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.loss_mask,
+        use_cache=False,
+    )
+    logits = out.logits
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def answer_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """Sum of cross-entropy over the answer tokens of the batch (divide by the step's answer-token count)."""
+    logits = answer_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+
+
+def per_token_losses(model: Any, batch: Batch) -> torch.Tensor:
+    """Cross-entropy per answer token, in row-major order (for tests and curriculum scoring)."""
+    logits = answer_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch.targets, reduction="none")

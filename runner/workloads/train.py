@@ -1,0 +1,617 @@
+"""The `train` job kind: LoRA fine-tuning on MCQ data, one loop from setup to the last checkpoint.
+
+Setup (data, model, adapter, optimizer) -> resume from the last complete checkpoint if the run directory has
+one -> validate at step 0 -> train (packed rows, answer-token loss, gradient accumulation) with periodic
+validation and checkpoints -> final validation and checkpoint. SIGTERM/SIGINT finish the current step, save
+a checkpoint and exit 130.
+
+Checkpoints: `checkpoints/step-NNNNNNNN/` with `adapter/` (PEFT), `tokenizer/`, `optimizer.pt`,
+`scheduler.pt`, `rng.pt` and `trainer_state.json` (step, validation accuracy, base model, sample-stream
+state). Each is written to `checkpoints/.tmp-step-...`, fsynced and renamed, so a `step-*` directory is
+always complete. `checkpoints/best` is a relative symlink to the best one by validation accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runner.workloads.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
+from runner.workloads.data import MCQ, DataError, atomic_write_text, load_sources, train_val_records
+from runner.workloads.modeling import attach_lora, base_model_path, load_model_and_tokenizer, runner_cache
+from runner.workloads.packing import (
+    Example,
+    answer_loss_sum,
+    collate_packed,
+    collate_padded,
+    encode_mcq,
+    per_token_losses,
+)
+from runner.workloads.scoring import score_mcq
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+EXIT_CANCELLED = 130
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (override with RUNNER_PEAK_TFLOPS).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "MI300X": 1307.0, "MI250X": 383.0}
+
+
+# --- small helpers -------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Appends one JSON object per line to metrics.jsonl (and TensorBoard scalars when asked)."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+        self.path = path
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                print("warning: logging.tensorboard is on but tensorboard is not installed", file=sys.stderr)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines written after the checkpoint (they will be written again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def lr_lambda(spec: Any) -> Any:
+    warm, total, kind = spec.warmup_steps, spec.steps, spec.scheduler
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        p = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - p if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return f
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first. Temp directories (torn writes) never count."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (p / "trainer_state.json").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if os.environ.get("RUNNER_PEAK_TFLOPS"):
+        return float(os.environ["RUNNER_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, tf in PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run; the methods are the stages of `run`, top to bottom."""
+
+    def __init__(self, job: Any, run_dir: Path):
+        self.job = job
+        self.spec = job.spec
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.stop_signal: int | None = None
+
+    # setup ------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        t = self.spec.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.acc = Accelerator()
+        self.main = self.acc.is_main_process
+        self.device = self.acc.device
+        self.metrics = Metrics(
+            self.run_dir / "metrics.jsonl",
+            self.main,
+            self.run_dir / "tensorboard" if self.spec.logging.tensorboard else None,
+        )
+
+        d = self.spec.data
+        self.train_recs, self.val_recs, _ = train_val_records(d, base_dir=Path.cwd())
+        if not self.val_recs:
+            raise DataError("no validation records: set data.val or a data.val_fraction > 0")
+        replay = load_sources(d.replay.sources, seed=d.seed, max_bad_rows=d.max_bad_rows, base_dir=Path.cwd())
+        self.log(
+            f"data: {len(self.train_recs)} train, {len(self.val_recs)} validation, {len(replay)} replay records"
+        )
+
+        self.base_path = base_model_path(self.spec.model, runner_cache(), self.log)
+        model, self.tok = load_model_and_tokenizer(self.spec.model, self.device, runner_cache(), self.log)
+        L = t.max_seq_len
+        self.train_ex = [encode_mcq(self.tok, r, L) for r in self.train_recs]
+        scores = self.base_losses(model) if d.curriculum.order == "loss" else None
+        if d.replay.self_replay:
+            replay += self.base_correct(model)
+        self.replay_recs = replay
+        self.replay_ex = [encode_mcq(self.tok, r, L) for r in replay]
+
+        model = attach_lora(model, self.spec.lora)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.log(f"model: {self.spec.model.base} ({self.n_params / 1e6:.1f}M params, "
+                 f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable LoRA r={self.spec.lora.r})")
+        opt = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+        self.model, self.opt = self.acc.prepare(model, opt)
+
+        # Token budget per optimizer step -> rows per step (packed) or samples per step (unpacked).
+        world = self.acc.num_processes
+        mean_len = sum(len(e) for e in self.train_ex) / len(self.train_ex)
+        per_micro = t.batch_size * (L if t.packing else mean_len)
+        self.grad_accum = max(1, math.ceil(t.tokens_per_step / (per_micro * world))) if t.tokens_per_step else t.grad_accum
+        self.rows_per_step = t.batch_size * self.grad_accum * world
+        order = curriculum_order([r.difficulty for r in self.train_recs], d.curriculum, d.seed, scores)
+        self.composer = StepComposer(
+            [len(e) for e in self.train_ex],
+            order,
+            [len(e) for e in self.replay_ex],
+            curriculum=d.curriculum,
+            replay_fraction=d.replay.fraction,
+            rows=self.rows_per_step,
+            row_len=L,
+            packing=t.packing,
+            total_steps=t.steps,
+            seed=d.seed,
+        )
+        self.flops_peak = peak_flops(self.device)
+        self.dtype = next(self.model.parameters()).dtype
+
+    def base_losses(self, model: Any) -> list[float]:
+        """Base-model answer loss per training record (curriculum order `loss`), computed once per run dir."""
+        cache = self.run_dir / "curriculum_scores.json"
+        ids = [r.id for r in self.train_recs]
+        if cache.exists():
+            saved = json.loads(cache.read_text())
+            if saved.get("ids") == ids:
+                return [float(x) for x in saved["losses"]]
+        self.log(f"scoring {len(ids)} training questions with the base model for the curriculum")
+        losses: list[float] = []
+        with torch.no_grad():
+            for s in range(0, len(self.train_ex), 32):
+                chunk = self.train_ex[s : s + 32]
+                batch = collate_padded(chunk, self.tok.pad_token_id).to(self.device)
+                per_tok = per_token_losses(model, batch).cpu().tolist()
+                o = 0
+                for ex in chunk:
+                    k = len(ex) - ex.label_start
+                    losses.append(sum(per_tok[o : o + k]) / k)
+                    o += k
+        if self.main:
+            atomic_write_text(cache, json.dumps({"ids": ids, "losses": losses}))
+        return losses
+
+    def base_correct(self, model: Any) -> list[MCQ]:
+        """Self-replay: training questions the base model already answers correctly."""
+        probs = score_mcq(model, self.tok, self.train_recs, batch_size=64)
+        keep = [r for i, r in enumerate(self.train_recs) if int(probs[i].argmax()) == r.answer_index]
+        self.log(f"self-replay: the base answers {len(keep)}/{len(self.train_recs)} training questions correctly")
+        return keep
+
+    def log(self, msg: str) -> None:
+        if getattr(self, "main", True):
+            print(msg, flush=True)
+
+    # checkpoints ------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int, val_acc: float | None) -> None:
+        self.acc.wait_for_everyone()
+        model = self.acc.unwrap_model(self.model)
+        adapter_state = None
+        if self.acc.num_processes > 1:
+            from peft import get_peft_model_state_dict
+
+            adapter_state = get_peft_model_state_dict(model, state_dict=self.acc.get_state_dict(self.model))
+        if not self.main:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:08d}"
+        tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+        self.tok.save_pretrained(tmp / "tokenizer")
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        state = {
+            "step": step,
+            "val_accuracy": val_acc,
+            "best_step": self.best_step,
+            "best_accuracy": self.best_acc,
+            "base_model": self.spec.model.base,
+            "base_model_path": self.base_path,
+            "job_name": self.spec.name,
+            "spec_hash": getattr(self.job, "spec_hash", None),
+            "composer": self.composer.state_dict(),
+            "last_val": self.last_val,
+            "time": time.time(),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")  # written last
+        _fsync_tree(tmp)
+        final = self.ckpt_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        self._point_best()
+        self._retain()
+        fd = os.open(self.ckpt_dir, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+    def _point_best(self) -> None:
+        if self.best_step is None:
+            return
+        link = self.ckpt_dir / "best"
+        target = f"step-{self.best_step:08d}"
+        if not (self.ckpt_dir / target).is_dir():
+            return
+        tmp = self.ckpt_dir / f".best-{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+    def _retain(self) -> None:
+        ckpts = complete_checkpoints(self.ckpt_dir)
+        keep = {s for s, _ in ckpts[-self.spec.train.keep_checkpoints :]}
+        if self.best_step is not None:
+            keep.add(self.best_step)
+        for s, p in ckpts:
+            if s not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.ckpt_dir.glob(".tmp-step-*"):
+            if not p.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def maybe_resume(self) -> int:
+        """Load the last complete checkpoint of this run directory; return the step to continue from."""
+        for p in self.ckpt_dir.glob(".tmp-step-*") if self.ckpt_dir.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)  # torn writes of a killed run
+        ckpts = complete_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            return 0
+        step, path = ckpts[-1]
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = self.acc.unwrap_model(self.model)
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+        self.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.composer.load_state_dict(state["composer"])
+        self.best_step, self.best_acc = state.get("best_step"), state.get("best_accuracy")
+        self.last_val = state.get("last_val")
+        self.metrics.truncate_after(step)
+        self.log(f"resuming from step {step} ({path})")
+        return step
+
+    # validation -------------------------------------------------------------------------------------
+
+    def validate(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        probs = score_mcq(self.acc.unwrap_model(self.model), self.tok, self.val_recs, batch_size=64)
+        gold = torch.tensor([r.answer_index for r in self.val_recs])
+        pred = probs.argmax(-1)
+        correct = (pred == gold).float()
+        p_gold = probs[torch.arange(len(gold)), gold].clamp_min(1e-12)
+        by_topic: dict[str, list[float]] = {}
+        for r, c in zip(self.val_recs, correct.tolist(), strict=True):
+            by_topic.setdefault(r.topic, []).append(c)
+        row = {
+            "step": step,
+            "split": "val",
+            "accuracy": round(correct.mean().item(), 6),
+            "loss": round(-p_gold.log().mean().item(), 6),
+            "n": len(gold),
+            "accuracy_by_topic": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_topic.items())},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        self.metrics.write(row)
+        self.last_val = row
+        acc = row["accuracy"]
+        if self.best_acc is None or acc > self.best_acc:
+            self.best_acc, self.best_step = acc, step
+        return row
+
+    # training ---------------------------------------------------------------------------------------
+
+    def examples_of(self, rows: list[list[Any]]) -> list[list[Example]]:
+        return [[(self.replay_ex if p.source == "replay" else self.train_ex)[p.index] for p in row] for row in rows]
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        t = self.spec.train
+        picks = self.composer.next_step(step)
+        rows = self.examples_of(picks)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        n_targets = sum(len(e) - e.label_start for row in rows for e in row)
+        mine = rows[rank::world]
+        per = max(1, math.ceil(len(mine) / self.grad_accum))
+        micro = [mine[i : i + per] for i in range(0, len(mine), per)]
+        self.model.train()
+        loss_sum = 0.0
+        for i, mb in enumerate(micro):
+            if t.packing:
+                batch = collate_packed(mb, self.tok.pad_token_id, self.dtype)
+            else:
+                batch = collate_padded([e for row in mb for e in row], self.tok.pad_token_id)
+            batch = batch.to(self.device)
+            ctx = self.acc.no_sync(self.model) if i < len(micro) - 1 else _null()
+            with ctx:
+                loss = answer_loss_sum(self.model, batch) / n_targets
+                self.acc.backward(loss * world)
+            loss_sum += loss.item()
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        n_tokens = sum(len(e) for row in rows for e in row)
+        replay_tokens = sum(len(e) for row, prow in zip(rows, picks, strict=True)
+                            for e, p in zip(row, prow, strict=True) if p.source == "replay")
+        diffs = [DIFFICULTY_LEVEL.get(self.train_recs[p.index].difficulty, 1)
+                 for prow in picks for p in prow if p.source == "train"]
+        return {
+            "loss": loss_sum * world if world == 1 else self._mean_loss(loss_sum),
+            "grad_norm": float(grad_norm),
+            "tokens": n_tokens,
+            "replay_tokens": replay_tokens,
+            "samples": sum(len(r) for r in rows),
+            "difficulty_sum": sum(diffs),
+            "difficulty_n": len(diffs),
+        }
+
+    def _mean_loss(self, local: float) -> float:
+        t = torch.tensor([local], device=self.device)
+        return float(self.acc.reduce(t, reduction="sum").item())
+
+    def run(self) -> int:
+        t = self.spec.train
+        self.best_step: int | None = None
+        self.best_acc: float | None = None
+        self.last_val: dict[str, Any] | None = None
+        start = self.maybe_resume()
+        first_val = None
+        if start == 0:
+            first_val = self.validate(0)
+            self.log(f"step 0 validation accuracy: {first_val['accuracy']:.1%} ({first_val['n']} questions)")
+        else:
+            first_val = self._first_val_from_metrics()
+        progress = ProgressView(t.steps, start, enabled=self.main)
+        window: dict[str, float] = {}
+        t_window = time.perf_counter()
+        t_start = time.perf_counter()
+        step = start
+        with progress:
+            while step < t.steps and self.stop_signal is None:
+                out = self.train_step(step)
+                step += 1
+                for k in ("tokens", "replay_tokens", "samples", "difficulty_sum", "difficulty_n"):
+                    window[k] = window.get(k, 0) + out[k]
+                window["loss"] = window.get("loss", 0.0) + out["loss"]
+                window["n"] = window.get("n", 0) + 1
+                if step % t.log_every == 0 or step == t.steps:
+                    dt = time.perf_counter() - t_window
+                    row = self.train_row(step, window, dt, time.perf_counter() - t_start, start)
+                    row["grad_norm"] = round(out["grad_norm"], 4)
+                    self.metrics.write(row)
+                    progress.update(step, loss=row["loss"], tps=row["tokens_per_s"])
+                    if not progress.live:
+                        self.log(
+                            f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                            f"{row['tokens_per_s']:.0f} tok/s eta {row['eta_s']:.0f}s"
+                        )
+                    window, t_window = {}, time.perf_counter()
+                else:
+                    progress.update(step)
+                if step % t.eval_every == 0 or step == t.steps:
+                    v = self.validate(step)
+                    progress.update(step, acc=v["accuracy"])
+                    if not progress.live:
+                        self.log(f"step {step} validation accuracy {v['accuracy']:.1%} loss {v['loss']:.4f}")
+                if step % t.save_every == 0 or step == t.steps:
+                    self.save_checkpoint(step, self.last_val["accuracy"] if self.last_val else None)
+        if self.stop_signal is not None and step < t.steps:
+            if not (self.ckpt_dir / f"step-{step:08d}").exists():
+                self.save_checkpoint(step, self.last_val["accuracy"] if self.last_val else None)
+            self.log(f"stopped by signal {self.stop_signal} at step {step}; checkpoint saved, resume with the same job")
+            return EXIT_CANCELLED
+        final = self.last_val
+        if final is None or final["step"] != step:
+            final = self.validate(step)
+        if first_val is not None:
+            self.log(
+                f"validation accuracy: step 0 {first_val['accuracy']:.1%} -> step {step} {final['accuracy']:.1%} "
+                f"({final['n']} held-out questions; best {self.best_acc:.1%} at step {self.best_step})"
+            )
+        return 0
+
+    def _first_val_from_metrics(self) -> dict[str, Any] | None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        for ln in path.read_text().splitlines():
+            row = json.loads(ln)
+            if row.get("split") == "val" and row.get("step") == 0:
+                return row
+        return None
+
+    def train_row(self, step: int, w: dict[str, float], dt: float, elapsed: float, start: int) -> dict[str, Any]:
+        t = self.spec.train
+        tps = w["tokens"] / max(dt, 1e-9)
+        row: dict[str, Any] = {
+            "step": step,
+            "split": "train",
+            "loss": round(w["loss"] / w["n"], 6),
+            "lr": self.sched.get_last_lr()[0],
+            "tokens_per_s": round(tps, 1),
+            "samples": int(w["samples"]),
+            "tokens": int(w["tokens"]),
+            "replay_fraction": round(w["replay_tokens"] / max(1, w["tokens"]), 4),
+            "mean_difficulty": round(w["difficulty_sum"] / w["difficulty_n"], 4) if w["difficulty_n"] else None,
+            "elapsed_s": round(elapsed, 2),
+            "eta_s": round(elapsed / max(1, step - start) * (t.steps - step), 1),
+        }
+        if self.flops_peak:
+            row["mfu"] = round(tps * 4 * self.n_params / self.flops_peak, 4)
+        if self.device.type == "cuda":
+            row["gpu_mem_gb"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 2)
+            row["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return row
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+class ProgressView:
+    """A rich progress bar (loss, accuracy, tokens/s) when stdout is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.live = enabled and sys.stdout.isatty()
+        self.total, self.start = total, start
+        self.fields: dict[str, Any] = {"loss": float("nan"), "acc": float("nan"), "tps": 0.0}
+
+    def __enter__(self) -> ProgressView:
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[tps]:.0f} tok/s"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.start, **self.fields)
+        return self
+
+    def update(self, step: int, **fields: Any) -> None:
+        if self.live:
+            self.fields.update(fields)
+            self.bar.update(self.task, completed=step, **self.fields)
+
+    def __exit__(self, *a: object) -> None:
+        if self.live:
+            self.bar.stop()
+
+
+def run(job: Any, run_dir: Path) -> int:
+    """Entry point of the `train` kind (see the module docstring)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(job, run_dir)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if trainer.stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        print(f"received signal {signum}: finishing this step and saving a checkpoint", flush=True)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        trainer.setup()
+        if trainer.stop_signal is not None:
+            return EXIT_CANCELLED
+        return trainer.run()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        if hasattr(trainer, "metrics"):
+            trainer.metrics.close()
