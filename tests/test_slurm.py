@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 
 from runner.backends import EnvironmentProblem, get_backend
-from runner.backends.slurm import SlurmNode, gres_gpus, job_info, map_state, multinode_argv, preflight
+from runner.backends.slurm import (
+    SlurmNode,
+    gres_gpus,
+    job_info,
+    map_state,
+    multinode_argv,
+    preflight,
+    signal_lead_s,
+    time_limit_s,
+)
 from runner.plan import Plan, render_plan
 from runner.runs import Run, RunStore
 from runner.spec import job_from_data, load_job
@@ -78,6 +87,14 @@ def test_states_map_to_run_states() -> None:
     assert map_state("CANCELLED by 0", None) == ("cancelled", 130)
     assert map_state("TIMEOUT", None) == ("failed", 1)
     assert map_state("OUT_OF_MEMORY", 137) == ("failed", 137)
+
+
+def test_time_limits_and_signal_lead() -> None:
+    assert time_limit_s("30") == 1800 and time_limit_s("1:30") == 90 and time_limit_s("12:00:00") == 43200
+    assert (
+        time_limit_s("2-00") == 172800 and time_limit_s("1-02:03:04") == 93784 and time_limit_s(None) is None
+    )
+    assert signal_lead_s("12:00:00") == 120 and signal_lead_s(None) == 120 and signal_lead_s("00:01:00") == 15
 
 
 def test_gres_gpu_counts() -> None:
@@ -197,14 +214,16 @@ def slurm_cluster() -> None:
         pytest.skip(f"no Slurm cluster could be started: {p.stderr.strip()[-300:]}")
 
 
-def _start_fake(name: str, steps: int, step_s: float, save_s: float = 0.0) -> tuple[Plan, Run, Any]:
+def _start_fake(
+    name: str, steps: int, step_s: float, save_s: float = 0.0, time: str | None = None
+) -> tuple[Plan, Run, Any]:
     job = job_from_data(
         {
             "kind": "prepare",
             "name": name,
             "backend": "slurm",
             "data": {"train": "builtin:mcq"},
-            "resources": {"cpus": 1, "memory_gb": 1},
+            "resources": {"cpus": 1, "memory_gb": 1, "time": time},
             "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
         }
     )
@@ -288,6 +307,31 @@ def test_requeue_resumes_from_the_last_checkpoint(slurm_cluster: None) -> None:
     resumed = int(log.split("from step ")[2].split()[0])
     assert resumed >= 10
     assert "trainer: done at step 30" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_checkpoints_requeues_and_finishes(slurm_cluster: None) -> None:
+    # A 1-minute limit: Slurm signals the script (USR1) ahead of it, the workload checkpoints, the script
+    # requeues the job, and the second start resumes from that checkpoint and finishes.
+    _, run, handle = _start_fake("slurm-timelimit", steps=100, step_s=0.5, time="00:01:00")
+    job_id = run.status()["backend_ref"]["slurm_job_id"]
+    assert "#SBATCH --signal=B:USR1@15" in (run.plan_dir / "sbatch.sh").read_text()
+    result: dict[str, int] = {}
+    waiter = threading.Thread(target=lambda: result.update(code=handle.wait()))
+    waiter.start()
+    end = time.monotonic() + 300
+    while waiter.is_alive() and time.monotonic() < end:
+        # Slurm holds a requeued job back ~2 minutes (Reason=BeginTime); let it start again now.
+        if "BeginTime" in (job_info(job_id) or {}).get("Reason", ""):
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    waiter.join(1)
+    assert result.get("code") == 0
+    log = run.log_path.read_text()
+    saved = int(log.split("trainer: saved step ")[1].split()[0])
+    assert "time-limit: asking the workload to checkpoint" in log
+    assert "(start 2)" in log and f"from step {saved}" in log and "trainer: done at step 100" in log
 
 
 @pytest.mark.slurm

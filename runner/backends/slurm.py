@@ -64,6 +64,33 @@ def multinode_argv(argv: list[str]) -> list[str]:
     return argv[:2] + flags + argv[2:]
 
 
+def time_limit_s(limit: str | None) -> int | None:
+    """Slurm's time formats (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`) in seconds; None when unlimited."""
+    if not limit or limit.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    days, _, rest = limit.rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return None
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return ((d * 24 + h) * 60 + m) * 60 + sec
+
+
+def signal_lead_s(limit: str | None) -> int:
+    """How long before the time limit the script is told to checkpoint: 120 s, less for short jobs."""
+    total = time_limit_s(limit)
+    return SIGNAL_LEAD_S if total is None or total >= 4 * SIGNAL_LEAD_S else max(total // 4, 5)
+
+
 def map_state(slurm_state: str, exit_code: int | None, restarts: int = 0) -> tuple[str, int | None]:
     """A Slurm job state (squeue/scontrol/sacct spelling) as a run state and exit code."""
     s = slurm_state.split()[0].rstrip("+").upper() if slurm_state.strip() else "UNKNOWN"
@@ -314,7 +341,7 @@ class SlurmBackend:
                 workdir=plan.workdir,
                 env=env,
                 path_prepend=str(Path(sys.executable).parent) if runtime == "none" else None,
-                signal_lead_s=SIGNAL_LEAD_S,
+                signal_lead_s=signal_lead_s(res.time),
                 srun_extra=srun_extra,
                 task_prefix=task_prefix,
                 exit_cancelled=EXIT_CANCELLED,
