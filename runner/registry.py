@@ -7,7 +7,8 @@ Layout of one name (see docs/registry.md):
     registry/NAME/aliases.json     {"champion": {"version": 3, ...}} written atomically (temp, fsync, rename)
     registry/NAME/events.jsonl     append-only history of promotions and alias moves
     registry/NAME/vN/manifest.json files with sha256, source run/spec, base model, evals, gate, git, image
-    registry/NAME/vN/adapter/      the PEFT adapter (+ tokenizer/config when the checkpoint has them)
+    registry/NAME/vN/adapter/      the PEFT adapter (+ tokenizer/config files saved beside it)
+    registry/NAME/vN/tokenizer/    the checkpoint's tokenizer (when it saved one)
     registry/NAME/vN/source/       the run's resolved job.yaml and the checkpoint's trainer_state.json
     registry/NAME/vN/eval/         per-question predictions behind the recorded evals (for paired tests)
     registry/NAME/vN/base/         the base model, bundled when it only exists in this machine's cache (`tiny`)
@@ -848,6 +849,11 @@ def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_
         for src_dir in dict.fromkeys((adapter_dir, ck)):
             if (src_dir / fn).is_file() and not (tmp / "adapter" / fn).exists():
                 _copy_file(src_dir / fn, tmp / "adapter" / fn)
+    tok_dir = ck / "tokenizer"  # the trainer saves the tokenizer beside the adapter
+    if tok_dir.is_dir():
+        for f in sorted(tok_dir.iterdir()):
+            if f.is_file():
+                _copy_file(f, tmp / "tokenizer" / f.name)
     _copy_file(run.dir / "job.yaml", tmp / "source" / "job.yaml")
     if (ck / "trainer_state.json").is_file():
         _copy_file(ck / "trainer_state.json", tmp / "source" / "trainer_state.json")

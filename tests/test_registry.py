@@ -489,30 +489,47 @@ train: {{steps: {steps}, batch_size: 16, lr: 0.003, warmup_steps: 2, eval_every:
 
 @pytest.mark.slow
 def test_quickstart_sized_runs_promote_refuse_and_force(runner_home: Path, tmp_path: Path) -> None:
-    """Two real training runs on the tiny base: the better one becomes @champion, the barely trained one is refused
+    """Two real training runs on the tiny base: the better checkpoint becomes @champion, a worse one is refused
     (both numbers printed), --force accepts it, and `registry show` leads back to the run and its spec."""
     import importlib.util
 
     if importlib.util.find_spec("runner.workloads.train") is None:
         pytest.skip("the train workload (runner/workloads/train.py) is not in this tree")
-    runs = {}
-    for name, steps in (("qs-good", 40), ("qs-short", 2)):
+    cks = []
+    for name, steps in (("qs-long", 20), ("qs-short", 2)):
         job = tmp_path / f"{name}.yaml"
         job.write_text(QUICK_JOB.format(name=name, steps=steps))
         p = run_cli("run", str(job), timeout=900)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs[name] = RunStore(runner_home).get(name).ref
-    assert run_cli("promote", runs["qs-good"], "--to", "qa-agent", "--alias", "champion").returncode == 0
-    good = manifest(runner_home, "qa-agent", 1)["eval"]["accuracy"]
-    p = run_cli("promote", runs["qs-short"], "--to", "qa-agent", "--alias", "champion")
-    if p.returncode == 0:
-        pytest.fail(f"a 2-step run was not worse than a 40-step run ({good}):\n{p.stdout}")
-    assert p.returncode == 1 and f"{good:.4f}" in p.stderr and "refused" in p.stderr
-    p = run_cli("promote", runs["qs-short"], "--to", "qa-agent", "--alias", "champion", "--force")
+        run = RunStore(runner_home).get(name)
+        for ck in run.checkpoints():
+            acc = json.loads((ck / "trainer_state.json").read_text())["val_accuracy"]
+            cks.append((acc, run.ref, ck.name))
+    # Same data settings, so the same validation questions: the gate compares the checkpoints directly.
+    hi, lo = max(cks), min(cks)
+    assert hi[0] > lo[0], f"every checkpoint scored the same ({cks}); nothing to gate"
+    p = run_cli("promote", hi[1], "--checkpoint", hi[2], "--to", "qa-agent", "--alias", "champion")
+    assert p.returncode == 0, p.stderr
+    m = manifest(runner_home, "qa-agent", 1)
+    assert m["eval"]["accuracy"] == hi[0] and m["base_model"]["bundled"] == "base"
+    assert any(f.startswith("tokenizer/") for f in m["files"])
+    p = run_cli("promote", lo[1], "--checkpoint", lo[2], "--to", "qa-agent", "--alias", "champion")
+    assert p.returncode == 1 and f"{lo[0]:.4f}" in p.stderr and f"{hi[0]:.4f}" in p.stderr and "refused" in p.stderr
+    assert Registry(runner_home).versions("qa-agent") == [1]
+    p = run_cli("promote", lo[1], "--checkpoint", lo[2], "--to", "qa-agent", "--alias", "champion", "--force")
     assert p.returncode == 0, p.stderr
     show = run_cli("registry", "show", "qa-agent@champion")
-    assert runs["qs-short"] in show.stdout and "forced" in show.stdout and "base model  tiny" in show.stdout
+    assert lo[1] in show.stdout and "forced" in show.stdout and "base model  tiny" in show.stdout
+    assert manifest(runner_home, "qa-agent", 2)["source"]["spec_hash"] in show.stdout
     assert run_cli("registry", "verify", "qa-agent:v1").returncode == 0
+    # The promoted version loads without the run or the cache and scores like the run's checkpoint did.
+    q = subprocess.run([sys.executable, "-m", "runner.workloads.artifact", "answer", "qa-agent:v1", "--question",
+                        json.dumps({"question": "Which of these is a tool?", "choices": ["hammer", "shirt", "tree",
+                                                                                         "elbow"]})],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "RUNNER_CACHE": str(tmp_path / "no-cache")})
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert json.loads(q.stdout.strip().splitlines()[-1])["answer"] in "ABCD"
 
 
 # --- serving image on the real engine ------------------------------------------------------------------

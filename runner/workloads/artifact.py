@@ -45,7 +45,7 @@ def _model_spec(vdir: Path) -> ModelSpec:
 def _tokenizer(vdir: Path, fallback: Any) -> Any:
     from transformers import AutoTokenizer
 
-    for sub in ("adapter", "merged"):
+    for sub in ("tokenizer", "adapter", "merged"):
         d = vdir / sub
         if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(d))
