@@ -189,6 +189,13 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
             hp = str((Path(wd) / p).resolve())
             if not hp.startswith(wd + os.sep):
                 mounts.append(Mount(hp, hp, True))
+        if job.kind != "train":
+            # eval / serve / tournament jobs read other runs' checkpoints and the registry: same path, read-only.
+            from runner.runs import runner_home
+
+            home = str(runner_home())
+            env["RUNNER_HOME"] = home
+            mounts.append(Mount(home, home, True))
         for m in spec.mounts:
             mounts.append(Mount(str((Path(wd) / m.source).resolve()) if not m.source.startswith("/") else m.source,
                                 m.target, m.read_only))
