@@ -101,6 +101,7 @@ class ServeJob(JobBase, AgentSource):
         default_factory=list, description="More models whose letter probabilities are averaged with the main one."
     )
     device: str = Field("auto", description="Torch device: `auto` (a GPU when there is one), `cpu`, `cuda`, ...")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (CPU serving); default: torch's.")
 
     @model_validator(mode="after")
     def _needs_model(self) -> ServeJob:

@@ -341,6 +341,10 @@ def run(job: Any, run_dir: Path) -> int:
 
     spec = job.spec
     srv = spec.server
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)
     try:
         agent, qagent, desc = build_agents(spec)
     except (FileNotFoundError, ValueError) as e:
