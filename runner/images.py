@@ -27,7 +27,7 @@ WHEELS_DIR = IMAGES_DIR / ".wheels"
 TAG_PREFIX = "qa-runner-"
 # What of the project goes into an image: the package and its metadata (never runs/, caches or tests).
 PROJECT_FILES = ("pyproject.toml",)
-PROJECT_PACKAGE = "runner"
+PROJECT_PACKAGES = ("runner", "agents")  # agents/: the starter-kit file interface
 KEEP_TAGS = 3  # builds of one image kept on the engine
 GPU_CHECKS = {"rocm": "torch.version.hip is not None", "cuda": "torch.version.cuda is not None"}
 
@@ -84,10 +84,10 @@ def render_dockerfile(name: str, d: ImageDef) -> str:
 def project_files(root: Path = PROJECT_ROOT) -> list[tuple[str, Path]]:
     """(path in the image's /opt/qa-runner, host path) for the project source, sorted."""
     out = [(f, root / f) for f in PROJECT_FILES if (root / f).is_file()]
-    pkg = root / PROJECT_PACKAGE
-    for p in sorted(pkg.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed", ".json", ".txt", ".j2"):
-            out.append((str(p.relative_to(root)), p))
+    for package in PROJECT_PACKAGES:
+        for p in sorted((root / package).rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed", ".json", ".txt", ".j2"):
+                out.append((str(p.relative_to(root)), p))
     return out
 
 
