@@ -372,6 +372,10 @@ def run(job: Any, run_dir: Path) -> int:
         def handle_exit(self, sig: int, frame: Any) -> None:
             signals.append(sig)
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutdown (the process would die by the signal);
+            # the workload contract is a clean exit 130 instead.
+            if hasattr(self, "_captured_signals"):
+                self._captured_signals.clear()
 
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     if srv.max_seconds is not None:
