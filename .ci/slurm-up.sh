@@ -42,9 +42,10 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
   munge -n </dev/null | unmunge >/dev/null || { log "munged does not answer"; exit 1; }
 fi
 
-# 3. slurm.conf (rewritten only when missing, so a second call changes nothing)
+# 3. slurm.conf: written when missing, or when this script wrote it for another host name (a new CI machine);
+#    a second call changes nothing, and a site's own slurm.conf is never touched.
 host=$(hostname -s)
-if [ ! -s "$conf" ]; then
+if [ ! -s "$conf" ] || { grep -q '^# Single-node cluster for tests' "$conf" && ! grep -q "^NodeName=$host " "$conf"; }; then
   log "writing $conf"
   cpus=$(nproc)
   mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
