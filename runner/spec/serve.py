@@ -49,7 +49,7 @@ class QuestionAgentSpec(Section):
         default_factory=lambda: list(PROCEDURAL_TOPICS), min_length=1, description="Topics the agent writes."
     )
     sources: dict[QuestionSource, float] = Field(
-        default_factory=lambda: {"procedural": 1.0},
+        default_factory=lambda: {"procedural": 1.0},  # type: ignore[arg-type,dict-item]
         description="Weight of each question source: `bank` (an MCQ file), `procedural` (generated logic "
         "puzzles with verified keys), `model` (written by the LLM, kept only if the answer agent agrees).",
     )
