@@ -248,12 +248,13 @@ def drive(run_dir: str, backend: str | None = BackendOpt) -> None:
     """Drive an existing run (used by --detach)."""
     from runner.plan import render_plan
     from runner.runs import Run
-    from runner.spec import job_from_data
+    from runner.spec import SpecError, job_from_stored
 
     r = Run(Path(run_dir))
-    data = r.job_data()
-    data.pop("spec_hash", None)
-    job = job_from_data(data, str(r.dir / "job.yaml"))
+    try:
+        job = job_from_stored(r.job_data(), str(r.dir / "job.yaml"))
+    except SpecError as e:
+        raise Exit(EXIT_INVALID, str(e)) from None
     raise Exit(drive_run(r, render_plan(job, backend), attach=False))
 
 
@@ -324,7 +325,7 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
 
     t = Table(box=None, header_style="bold")
     for col in ("run", "job", "kind", "state", "backend", "started", "steps", "val acc"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     for r in _store().list(job):
         st = r.status()
         state = reconcile(r)
@@ -334,7 +335,8 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
         t.add_row(r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
                   str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
                   "" if step is None else str(step), "" if acc is None else f"{acc:.3f}")
-    Console().print(t)
+    # Piped output (scripts, tests) is never truncated to a terminal width.
+    Console(width=None if sys.stdout.isatty() else 250).print(t)
 
 
 @app.command()

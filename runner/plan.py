@@ -161,6 +161,10 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
         argv[3] = "${RUNNER_RUN_DIR}/plan/accelerate.yaml"
     else:
         argv = ["python", "-m", "runner.workloads"]
+    if res.nodes > 1:
+        from runner.backends.slurm import multinode_argv
+
+        argv = multinode_argv(argv)
 
     env: dict[str, str] = {
         "PYTHONUNBUFFERED": "1",
@@ -179,7 +183,17 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
     elif flavour == "cuda":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env.update(spec.env)
-    secrets = frozenset(k for k in spec.env if f"env.{k}" in job.secret_paths)
+    secret_names = {k for k in spec.env if f"env.{k}" in job.secret_paths}
+    # Values a job file takes from `${env:NAME}` travel as the variable NAME itself (redacted when shown), so the
+    # workload resolves them inside the container and they are never written into the run directory.
+    from runner.spec.loader import ENV_RE
+
+    for template in job.templates.values():
+        for m in ENV_RE.finditer(template):
+            if m.group(1) in os.environ:
+                env.setdefault(m.group(1), os.environ[m.group(1)])
+                secret_names.add(m.group(1))
+    secrets = frozenset(secret_names)
 
     mounts: list[Mount] = []
     if backend_name in ("docker",):

@@ -201,6 +201,15 @@ class Run:
         return out
 
 
+def _creation_order(run: Run) -> tuple[str, str]:
+    # Ids sort by the second they were made; within one second the recorded creation time decides.
+    try:
+        created = str(run.status().get("created_at", ""))
+    except RunError:
+        created = ""
+    return (run.id[:15], created)
+
+
 class RunStore:
     def __init__(self, home: Path | None = None):
         self.home = (home or runner_home()).resolve()
@@ -215,7 +224,7 @@ class RunStore:
             d = self.runs_dir / job.name / new_run_id()
         tmp = d.with_name(f".{d.name}.tmp")
         tmp.mkdir(parents=True)
-        data = job.data()
+        data = job.stored_data()  # `${env:...}` values stay templates: no secret reaches the disk
         data["spec_hash"] = job.spec_hash
         yaml = YAML()
         yaml.default_flow_style = False
@@ -257,7 +266,7 @@ class RunStore:
         for jd in dirs:
             if jd.is_dir():
                 runs += [Run(p) for p in jd.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return sorted(runs, key=lambda r: r.id)
+        return sorted(runs, key=_creation_order)
 
     def get(self, ref: str) -> Run:
         """A run by id, `job/id`, a unique id prefix, or a job name (its latest run)."""

@@ -102,3 +102,21 @@ def test_torn_status_is_reported_not_crashed(job) -> None:  # type: ignore[no-un
     (r.dir / "status.json").write_text("{not json")
     with pytest.raises(RunError, match="unreadable"):
         r.status()
+
+
+def test_secrets_from_the_environment_never_reach_the_run_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from runner.spec import job_from_stored
+
+    p = tmp_path / "s.yaml"
+    p.write_text(JOB + "env:\n  HF_TOKEN: ${env:QA_TEST_TOKEN}\n")
+    monkeypatch.setenv("QA_TEST_TOKEN", "tok-123456789")
+    job = load_job(p)
+    assert job.spec.env["HF_TOKEN"] == "tok-123456789"  # type: ignore[attr-defined]
+    r = RunStore().create(job)
+    stored = "".join(f.read_text() for f in r.dir.rglob("*") if f.is_file())
+    assert "tok-123456789" not in stored and "${env:QA_TEST_TOKEN}" in (r.dir / "job.yaml").read_text()
+    # Rotating the token is the same experiment, and a stored job resolves it again from the environment.
+    monkeypatch.setenv("QA_TEST_TOKEN", "rotated-987654321")
+    again = load_job(p)
+    assert again.spec_hash == job.spec_hash
+    assert job_from_stored(r.job_data()).spec.env["HF_TOKEN"] == "rotated-987654321"  # type: ignore[attr-defined]

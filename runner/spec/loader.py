@@ -58,7 +58,13 @@ class Job:
 
     spec: BaseModel
     source: Path
-    secret_paths: set[str] = field(default_factory=set)
+    # Dotted paths whose values came from `${env:...}`, with the template as written: stored and hashed as
+    # the template, so a token never lands in a run directory and rotating it does not change the spec hash.
+    templates: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def secret_paths(self) -> set[str]:
+        return set(self.templates)
 
     @property
     def kind(self) -> str:
@@ -69,11 +75,29 @@ class Job:
         return str(self.spec.name)  # type: ignore[attr-defined]
 
     def data(self) -> dict[str, Any]:
+        """The resolved spec, values from the environment included (never write this to disk)."""
         return self.spec.model_dump(mode="json")
+
+    def stored_data(self) -> dict[str, Any]:
+        """The resolved spec as it is stored in a run: `${env:...}` values kept as their templates."""
+        data = self.data()
+        for dotted, template in self.templates.items():
+            node: Any = data
+            *parents, last = dotted.split(".")
+            try:
+                for key in parents:
+                    node = node[int(key)] if isinstance(node, list) else node[key]
+                if isinstance(node, list):
+                    node[int(last)] = template
+                elif last in node:
+                    node[last] = template
+            except (KeyError, IndexError, ValueError, TypeError):
+                continue
+        return data
 
     @property
     def spec_hash(self) -> str:
-        return spec_hash(self.data())
+        return spec_hash(self.stored_data())
 
 
 def spec_hash(data: dict[str, Any]) -> str:
@@ -226,7 +250,7 @@ def _apply_set(data: dict[str, Any], expr: str, marks: dict[Path_, Mark]) -> Non
 
 
 def _interpolate(node: Any, path: Path_, marks: dict[Path_, Mark], problems: list[Problem],
-                 secrets: set[str]) -> Any:
+                 secrets: dict[str, str]) -> Any:
     if isinstance(node, dict):
         return {k: _interpolate(v, (*path, k), marks, problems, secrets) for k, v in node.items()}
     if isinstance(node, list):
@@ -244,7 +268,7 @@ def _interpolate(node: Any, path: Path_, marks: dict[Path_, Mark], problems: lis
                 ))
                 return ""
             return val
-        secrets.add(_dotted(path))
+        secrets[_dotted(path)] = node
         return ENV_RE.sub(sub, node)
     return node
 
@@ -332,8 +356,13 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), back
         _apply_set(data, expr, marks)
     if backend is not None:
         data["backend"] = backend
+    return _resolve(data, marks, p)
+
+
+def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path) -> Job:
+    shown = str(source)
     problems: list[Problem] = []
-    secrets: set[str] = set()
+    secrets: dict[str, str] = {}
     data = _interpolate(data, (), marks, problems, secrets)
     kind = data.get("kind")
     if kind is None:
@@ -352,7 +381,13 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), back
     if problems:
         problems.sort(key=lambda q: (q.mark.file != shown, q.mark.line, q.mark.col))
         raise SpecError(problems)
-    return Job(spec=spec, source=p, secret_paths=secrets)
+    return Job(spec=spec, source=source, templates=secrets)
+
+
+def job_from_stored(data: dict[str, Any], source: str = "job.yaml") -> Job:
+    """Rebuild a Job from a run's stored job.yaml, filling `${env:...}` values from this environment."""
+    data = {k: v for k, v in data.items() if k != "spec_hash"}
+    return _resolve(data, {(): Mark(source, 1, 1)}, Path(source))
 
 
 def job_from_data(data: dict[str, Any], source: str = "job.yaml") -> Job:

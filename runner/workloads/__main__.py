@@ -25,12 +25,12 @@ def main() -> int:
         return 2
     from ruamel.yaml import YAML
 
-    from runner.spec import SpecError, job_from_data
+    from runner.spec import SpecError, job_from_stored
 
     data = YAML(typ="safe").load(job_file.read_text())
     data.pop("spec_hash", None)
     try:
-        job = job_from_data(data, str(job_file))
+        job = job_from_stored(data, str(job_file))
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
