@@ -415,12 +415,14 @@ def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any
     """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
     the job-local model (+ adapter)."""
     if source.registry is not None:
-        from runner.registry import RegistryError
+        from runner.registry import IntegrityError, RegistryError
         from runner.workloads.artifact import load_artifact
 
         try:
             model, tok, manifest = load_artifact(source.registry, device)
             return model, tok, f"{manifest.get('name', source.registry)}:v{manifest.get('version', '?')}"
+        except IntegrityError:
+            raise  # a modified artifact is refused, never silently replaced by another model
         except RegistryError as e:
             if source.model is None:
                 raise
