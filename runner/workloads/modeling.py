@@ -1,6 +1,11 @@
 """Model and tokenizer loading: a Hugging Face id, a local directory, or `tiny` — a small Qwen2 model and a
-byte-level BPE tokenizer built offline, pretrained once (full-parameter, on the built-in MCQ topics in
-`builtin_data.BASE_TOPICS`) and cached under $RUNNER_CACHE/tiny/<settings hash>/. LoRA attach via PEFT.
+byte-level BPE tokenizer built offline, pretrained once and cached under $RUNNER_CACHE/tiny/<settings hash>/.
+LoRA attach via PEFT.
+
+The tiny base's pretraining (full-parameter) mixes two things, like a real base model: facts about every
+built-in topic ("A rivet is a fastener.", loss on the category) and MCQ answering for the topics in
+`builtin_data.BASE_TOPICS` only. A LoRA adapter on the other topics then has knowledge to build on and a
+format to learn, and learns it in a minute on a CPU; from a random base it learns nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import torch
 from runner.spec.models import LoraSpec, ModelSpec, TinyModel
 from runner.workloads.prompts import LETTERS, answer_text, format_prompt
 
-TINY_VERSION = "tiny-v1"  # bump when the tokenizer, architecture or pretraining recipe changes
+TINY_VERSION = "tiny-v2"  # bump when the tokenizer, architecture or pretraining recipe changes
 TINY_VOCAB = 4096
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 3e-3
+FACTS_PER_STEP = 32  # knowledge sentences per pretraining step, next to the 64 MCQs
 
 
 def runner_cache() -> Path:
@@ -97,8 +103,31 @@ def build_tiny_model(tiny: TinyModel, vocab_size: int, pad_id: int, attn: str = 
 
 
 def tiny_settings_hash(tiny: TinyModel) -> str:
-    d = {"version": TINY_VERSION, "vocab": TINY_VOCAB, "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR, **tiny.model_dump()}
+    d = {
+        "version": TINY_VERSION,
+        "vocab": TINY_VOCAB,
+        "batch": PRETRAIN_BATCH,
+        "facts": FACTS_PER_STEP,
+        "lr": PRETRAIN_LR,
+        **tiny.model_dump(),
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def knowledge_examples(tokenizer: Any) -> list[Any]:
+    """'A rivet is a fastener.' for every word of every topic, loss on the category: the base knows the facts
+    of all topics, but answers MCQs only for the base topics."""
+    from runner.workloads.builtin_data import TOPICS, _article
+    from runner.workloads.packing import Example
+
+    out = []
+    for cats in TOPICS.values():
+        for cat, words in cats.items():
+            for w in words:
+                head = tokenizer.encode(f"{_article(w).capitalize()} {w} is {_article(cat)}")
+                tail = tokenizer.encode(f" {cat}.", add_special_tokens=False)
+                out.append(Example(ids=head + tail, label_start=len(head)))
+    return out
 
 
 def pretrain_tiny(model: Any, tokenizer: Any, tiny: TinyModel, log: Any = print) -> dict[str, Any]:
@@ -114,6 +143,7 @@ def pretrain_tiny(model: Any, tokenizer: Any, tiny: TinyModel, log: Any = print)
     recs = [MCQ.from_dict(d, default_id=str(i)) for i, d in enumerate(categories(seed=1000 + tiny.seed, topics=BASE_TOPICS))]
     held = [MCQ.from_dict(d, default_id=str(i)) for i, d in enumerate(categories(per_topic=25, seed=2000 + tiny.seed, topics=BASE_TOPICS))]
     examples = [encode_mcq(tokenizer, r, 512) for r in recs]
+    facts = knowledge_examples(tokenizer) if FACTS_PER_STEP else []
     rng = random.Random(tiny.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     warm = max(1, tiny.pretrain_steps // 20)
@@ -134,7 +164,7 @@ def pretrain_tiny(model: Any, tokenizer: Any, tiny: TinyModel, log: Any = print)
             rng.shuffle(more)
             order += more
         pick, order = order[:PRETRAIN_BATCH], order[PRETRAIN_BATCH:]
-        exs = [examples[i] for i in pick]
+        exs = [examples[i] for i in pick] + rng.sample(facts, min(len(facts), FACTS_PER_STEP))
         rows = pack_rows([len(e) for e in exs], 512)
         batch = collate_packed([[exs[i] for i in r] for r in rows], tokenizer.pad_token_id)
         loss = answer_loss_sum(model, batch) / len(batch.targets)

@@ -209,6 +209,7 @@ class Trainer:
         self.replay_recs = replay
         self.replay_ex = [encode_mcq(self.tok, r, L) for r in replay]
 
+        torch.manual_seed(t.seed)  # the adapter's init must not depend on whether the base came from a cache
         model = attach_lora(model, self.spec.lora)
         self.n_params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -277,8 +278,12 @@ class Trainer:
 
     # checkpoints ------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, step: int, val_acc: float | None) -> None:
+    def save_checkpoint(self, step: int) -> None:
+        """Write checkpoint `step`; it becomes `best` if its own validation beats every earlier checkpoint's."""
         self.acc.wait_for_everyone()
+        val_acc = self.last_val["accuracy"] if self.last_val and self.last_val["step"] == step else None
+        if val_acc is not None and (self.best_acc is None or val_acc > self.best_acc):
+            self.best_acc, self.best_step = val_acc, step
         model = self.acc.unwrap_model(self.model)
         adapter_state = None
         if self.acc.num_processes > 1:
@@ -394,9 +399,6 @@ class Trainer:
         }
         self.metrics.write(row)
         self.last_val = row
-        acc = row["accuracy"]
-        if self.best_acc is None or acc > self.best_acc:
-            self.best_acc, self.best_step = acc, step
         return row
 
     # training ---------------------------------------------------------------------------------------
@@ -494,10 +496,10 @@ class Trainer:
                     if not progress.live:
                         self.log(f"step {step} validation accuracy {v['accuracy']:.1%} loss {v['loss']:.4f}")
                 if step % t.save_every == 0 or step == t.steps:
-                    self.save_checkpoint(step, self.last_val["accuracy"] if self.last_val else None)
+                    self.save_checkpoint(step)
         if self.stop_signal is not None and step < t.steps:
             if not (self.ckpt_dir / f"step-{step:08d}").exists():
-                self.save_checkpoint(step, self.last_val["accuracy"] if self.last_val else None)
+                self.save_checkpoint(step)
             self.log(f"stopped by signal {self.stop_signal} at step {step}; checkpoint saved, resume with the same job")
             return EXIT_CANCELLED
         final = self.last_val
@@ -506,7 +508,7 @@ class Trainer:
         if first_val is not None:
             self.log(
                 f"validation accuracy: step 0 {first_val['accuracy']:.1%} -> step {step} {final['accuracy']:.1%} "
-                f"({final['n']} held-out questions; best {self.best_acc:.1%} at step {self.best_step})"
+                f"({final['n']} held-out questions; best checkpoint: step {self.best_step})"
             )
         return 0
 
