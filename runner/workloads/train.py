@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from runner.workloads.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
-from runner.workloads.data import MCQ, DataError, atomic_write_text, load_sources, train_val_records
+from runner.workloads.data import MCQ, DataError, atomic_write_text, dedupe, load_sources, train_val_records
 from runner.workloads.modeling import attach_lora, base_model_path, load_model_and_tokenizer, runner_cache
 from runner.workloads.packing import (
     Example,
@@ -195,6 +195,7 @@ class Trainer:
         if not self.val_recs:
             raise DataError("no validation records: set data.val or a data.val_fraction > 0")
         replay = load_sources(d.replay.sources, seed=d.seed, max_bad_rows=d.max_bad_rows, base_dir=Path.cwd())
+        replay, _ = dedupe(replay, exclude=self.val_recs)  # replaying validation questions would inflate it
         self.log(
             f"data: {len(self.train_recs)} train, {len(self.val_recs)} validation, {len(replay)} replay records"
         )
