@@ -133,17 +133,26 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
     return Batch(ids, pos, att, loss_mask, torch.tensor(targets, dtype=torch.long), n_tok, B)
 
 
+_BOOL_KEEP: bool | None = None  # does the installed transformers take a boolean `logits_to_keep`?
+
+
 def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
     """Logits [K, V] at the answer positions only: the lm_head runs on K hidden states, not B*T."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.loss_mask,
-        use_cache=False,
-    )
-    logits = out.logits
-    return logits.reshape(-1, logits.shape[-1])
+    global _BOOL_KEEP
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    if _BOOL_KEEP is not False:
+        try:
+            logits = model(**kw, logits_to_keep=batch.loss_mask, use_cache=False).logits
+            _BOOL_KEEP = True
+            return logits.reshape(-1, logits.shape[-1])
+        except (IndexError, TypeError, RuntimeError):
+            if _BOOL_KEEP:
+                raise
+            _BOOL_KEEP = False
+    # Older transformers: the same logits from the last hidden states. Outside the `except` block on purpose:
+    # the failed call's activations are freed before this forward runs.
+    out = model(**kw, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    return model.get_output_embeddings()(out.hidden_states[-1][batch.loss_mask])
 
 
 def answer_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
