@@ -588,9 +588,23 @@ class ProgressView:
             self.bar.stop()
 
 
+def _quiet_libraries() -> None:
+    """Our log lines, not the libraries' progress bars and deprecation notices, in run.log."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def run(job: Any, run_dir: Path) -> int:
     """Entry point of the `train` kind (see the module docstring)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_libraries()
     trainer = Trainer(job, run_dir)
 
     def on_signal(signum: int, frame: Any) -> None:
