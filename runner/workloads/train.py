@@ -291,19 +291,25 @@ class Trainer:
             from peft import get_peft_model_state_dict
 
             adapter_state = get_peft_model_state_dict(model, state_dict=self.acc.get_state_dict(self.model))
+        name = f"step-{step:08d}"
+        tmp = self.ckpt_dir / f".tmp-{name}"  # the same name on every rank: they all write into it
+        if self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.acc.wait_for_everyone()
+        # Every rank saves its own optimizer state (sharded under FSDP) and random streams.
+        suffix = self._rank_suffix()
+        torch.save(self.opt.state_dict(), tmp / f"optimizer{suffix}.pt")
+        torch.save(rng_state(), tmp / f"rng{suffix}.pt")
+        self.acc.wait_for_everyone()
         if not self.main:
             return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:08d}"
-        tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
         self.tok.save_pretrained(tmp / "tokenizer")
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
         torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
         state = {
+            "world_size": self.acc.num_processes,
             "step": step,
             "val_accuracy": val_acc,
             "best_step": self.best_step,
@@ -327,6 +333,9 @@ class Trainer:
         fd = os.open(self.ckpt_dir, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+    def _rank_suffix(self) -> str:
+        return "" if self.acc.num_processes == 1 else f".rank{self.acc.process_index}"
 
     def _point_best(self) -> None:
         if self.best_step is None:
@@ -364,12 +373,19 @@ class Trainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        state = json.loads((path / "trainer_state.json").read_text())
+        world = int(state.get("world_size", 1))
+        if world != self.acc.num_processes:
+            raise RuntimeError(
+                f"checkpoint {path.name} was written by {world} process(es), this run has {self.acc.num_processes}; "
+                "resume with the same resources (gpus x nodes), or start anew with `runner run --fresh`"
+            )
         model = self.acc.unwrap_model(self.model)
         set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-        self.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        suffix = self._rank_suffix()
+        self.opt.load_state_dict(torch.load(path / f"optimizer{suffix}.pt", weights_only=False))
         self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        state = json.loads((path / "trainer_state.json").read_text())
+        set_rng_state(torch.load(path / f"rng{suffix}.pt", weights_only=False))
         self.composer.load_state_dict(state["composer"])
         self.best_step, self.best_acc = state.get("best_step"), state.get("best_accuracy")
         self.last_val = state.get("last_val")
