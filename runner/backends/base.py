@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import sys
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -10,6 +12,20 @@ if TYPE_CHECKING:
 
 # Exit code of a workload that stopped on SIGTERM/SIGINT after writing its checkpoint.
 EXIT_CANCELLED = 130
+
+
+def tee_output(chunks: Iterable[bytes], log: IO[bytes], attach: bool) -> None:
+    """Copy a job's output into run.log and, when attached, to the terminal (which may go away: keep logging)."""
+    out = sys.stdout.buffer if attach else None
+    for chunk in chunks:
+        log.write(chunk)
+        log.flush()
+        if out is not None:
+            try:
+                out.write(chunk)
+                out.flush()
+            except (BrokenPipeError, ValueError):
+                out = None
 
 
 class EnvironmentProblem(Exception):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, tee_output
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -315,17 +315,8 @@ class DockerHandle:
         self._pump.start()
 
     def _copy_output(self) -> None:
-        out = sys.stdout.buffer if self.attach else None
         try:
-            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                self._log.write(chunk)
-                self._log.flush()
-                if out is not None:
-                    try:
-                        out.write(chunk)
-                        out.flush()
-                    except (BrokenPipeError, ValueError):
-                        out = None
+            tee_output(self.container.logs(stream=True, follow=True, stdout=True, stderr=True), self._log, self.attach)
         except Exception as e:  # the engine went away mid-stream: the exit code still comes from wait()
             self._log.write(f"\nrunner: log stream from the container ended: {e}\n".encode())
 

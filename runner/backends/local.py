@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, tee_output
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -56,16 +56,8 @@ class LocalHandle:
 
     def _copy_output(self) -> None:
         assert self.proc.stdout is not None
-        out = sys.stdout.buffer if self.attach else None
-        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr,attr-defined]
-            self._log.write(chunk)
-            self._log.flush()
-            if out is not None:
-                try:
-                    out.write(chunk)
-                    out.flush()
-                except (BrokenPipeError, ValueError):
-                    out = None
+        stdout = self.proc.stdout
+        tee_output(iter(lambda: stdout.read1(65536), b""), self._log, self.attach)  # type: ignore[attr-defined]
 
     def wait(self) -> int:
         code = self.proc.wait()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section
+from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section, source_list
 
 CHECKPOINT_RE = re.compile(r"^(best|last|step-?[0-9]+|[0-9]+)$")
 
@@ -111,12 +111,7 @@ class EvalJob(JobBase, EvalTarget):
     @field_validator("data", mode="before")
     @classmethod
     def _sources(cls, v: object) -> object:
-        # `data: file.csv` and `data: [a.jsonl, {path: b.csv}]` are shorthands for lists of sources.
-        if isinstance(v, (str, dict)):
-            v = [v]
-        if isinstance(v, list):
-            return [{"path": x} if isinstance(x, str) else x for x in v]
-        return v
+        return source_list(v)
 
     @model_validator(mode="after")
     def _one_target(self) -> EvalJob:

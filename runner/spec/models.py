@@ -120,6 +120,15 @@ class DataSource(Section):
     topics: list[str] | None = Field(None, description="Keep only records of these topics.")
 
 
+def source_list(v: object) -> object:
+    """`file.jsonl` and `[a.jsonl, {path: b.csv}]` are shorthands for lists of data sources."""
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if isinstance(v, list):
+        return [{"path": x} if isinstance(x, str) else x for x in v]
+    return v
+
+
 class Curriculum(Section):
     order: Literal["none", "difficulty", "loss"] = Field(
         "none",
@@ -165,12 +174,7 @@ class DataSpec(Section):
     @field_validator("train", "val", mode="before")
     @classmethod
     def _sources(cls, v: object) -> object:
-        # `train: file.jsonl` and `train: [a.jsonl, {path: b.csv}]` are shorthands for lists of sources.
-        if isinstance(v, (str, dict)):
-            v = [v]
-        if isinstance(v, list):
-            return [{"path": x} if isinstance(x, str) else x for x in v]
-        return v
+        return source_list(v)
 
 
 # --- training ----------------------------------------------------------------------------------------
