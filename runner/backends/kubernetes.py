@@ -10,12 +10,11 @@ import io
 import json
 import os
 import re
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, tee_output
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -125,15 +124,7 @@ class KubernetesHandle:
         except k8s.client.ApiException:
             return
         with open(self.run.log_path, "ab") as log:
-            for chunk in resp.stream(65536):
-                log.write(chunk)
-                log.flush()
-                if self.attach:
-                    try:
-                        sys.stdout.buffer.write(chunk)
-                        sys.stdout.buffer.flush()
-                    except (BrokenPipeError, ValueError):
-                        self.attach = False
+            tee_output(resp.stream(65536), log, self.attach)
 
     def wait(self) -> int:
         k8s = _client()
