@@ -401,7 +401,10 @@ class SlurmBackend:
         job_id = _job_id(run)
         if job_id is None:
             return None
-        info = job_info(job_id)
+        try:
+            info = job_info(job_id)
+        except SlurmUnavailable:
+            return None  # unknown for now; never fall back to an exit file a requeued attempt left behind
         if info is not None:
             return map_state(
                 info.get("JobState", ""),
@@ -426,7 +429,10 @@ class SlurmBackend:
         job_id = _job_id(run)
         if job_id is None:
             return
-        info = job_info(job_id)
+        try:
+            info = job_info(job_id)
+        except SlurmUnavailable as e:
+            raise EnvironmentProblem(f"the Slurm controller does not answer about job {job_id} ({e}); try again") from None
         state = map_state(info.get("JobState", ""), None)[0] if info else None
         if state == "running" and grace_s > 0:
             # The script traps USR2 and forwards SIGTERM to the workload, which checkpoints and exits 130.
@@ -434,7 +440,10 @@ class SlurmBackend:
             end = time.monotonic() + grace_s
             while time.monotonic() < end:
                 time.sleep(0.5)
-                info = job_info(job_id)
+                try:
+                    info = job_info(job_id)
+                except SlurmUnavailable:
+                    continue
                 if info is None or map_state(info.get("JobState", ""), None)[0] != "running":
                     return
         if state in ("pending", "running"):
@@ -458,9 +467,16 @@ def _cluster_name() -> str | None:
     return None
 
 
+class SlurmUnavailable(Exception):
+    """scontrol gave no answer about a job (as opposed to: the job is not known)."""
+
+
 def job_info(job_id: str) -> dict[str, str] | None:
     """`scontrol show job` as a dict; None once the controller has forgotten the job (MinJobAge)."""
     cp = _slurm(["scontrol", "show", "job", "-o", job_id])
+    if cp.returncode != 0 and "invalid job id" not in (cp.stderr or "").lower():
+        # The controller did not answer (busy, restarting): that says nothing about the job.
+        raise SlurmUnavailable(_first_line(cp.stderr or cp.stdout or f"scontrol exited {cp.returncode}"))
     if cp.returncode != 0 or not cp.stdout.strip():
         return None
     out: dict[str, str] = {}
