@@ -322,6 +322,9 @@ class Trainer:
             "last_val": self.last_val,
             "time": time.time(),
         }
+        vp = getattr(self, "last_val_predictions", None)
+        if vp is not None and vp["step"] == step:
+            (tmp / "val_predictions.json").write_text(json.dumps(vp) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")  # written last
         _fsync_tree(tmp)
         final = self.ckpt_dir / name
@@ -416,6 +419,15 @@ class Trainer:
         }
         self.metrics.write(row)
         self.last_val = row
+        letters = "ABCDEFGHIJ"
+        # Per-question results travel with the checkpoint, so a promotion gate can run a paired test.
+        self.last_val_predictions = {
+            "step": step,
+            "predictions": [
+                {"id": r.id, "pred": letters[int(p)], "answer": r.answer, "correct": bool(c)}
+                for r, p, c in zip(self.val_recs, pred.tolist(), correct.tolist(), strict=True)
+            ],
+        }
         return row
 
     # training ---------------------------------------------------------------------------------------
