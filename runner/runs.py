@@ -14,7 +14,8 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+# timezone.utc, not datetime.UTC (3.11+): workloads in the Python 3.10 ROCm image import this module.
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ def runner_home() -> Path:
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # noqa: UP017
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -58,7 +59,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)  # noqa: UP017
 
 
 def pid_alive(pid: int | None) -> bool:
