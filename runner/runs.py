@@ -14,7 +14,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-# timezone.utc, not datetime.UTC (3.11+): workloads in the Python 3.10 ROCm image import this module.
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ def runner_home() -> Path:
     return Path(os.environ.get("RUNNER_HOME", ".runner")).resolve()
 
 
+# timezone.utc, not datetime.UTC (3.11+): workloads in the Python 3.10 ROCm image import this module.
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # noqa: UP017
 
