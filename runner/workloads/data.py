@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.runs import atomic_write
 from runner.spec.models import DataSource, DataSpec
 from runner.workloads.builtin_data import generate as generate_builtin
 from runner.workloads.prompts import LETTERS, strip_choice_prefix
@@ -535,26 +536,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_jsonl(path: Path, records: Iterable[MCQ]) -> None:
     buf = io.StringIO()
     for r in records:
         buf.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def read_jsonl(path: Path) -> list[MCQ]:
@@ -600,7 +586,7 @@ def run(job: Any, run_dir: Path) -> int:
             name: {"path": name, "sha256": sha256_file(run_dir / name)} for name in ("train.jsonl", "val.jsonl")
         },
     }
-    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     bad = sum(len(s["bad_rows"]) for s in manifest["inputs"])
     print(
         f"prepared {len(train)} train / {len(val)} val records "

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from runner.runs import atomic_write
 from runner.stats import wilson_interval
 from runner.workloads.calibration import (
     brier_score,
@@ -356,15 +357,6 @@ def evaluate(spec: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
 # --- outputs -------------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def reliability_png(out: dict[str, Any], path: Path) -> None:
     """Reliability diagram (accuracy against confidence per bin) with the confidence histogram beneath."""
     import matplotlib
@@ -466,7 +458,7 @@ def report_md(out: dict[str, Any]) -> str:
 
 def write_outputs(out: dict[str, Any], run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "eval.json", json.dumps(out, indent=1) + "\n")
+    atomic_write(run_dir / "eval.json", json.dumps(out, indent=1) + "\n")
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 0, "split": "eval", "accuracy": out["accuracy"], "n": out["n"],
                             "ece": out["ece"], "brier": out["brier"], "eval_set": out["eval_set"]}) + "\n")
@@ -474,7 +466,7 @@ def write_outputs(out: dict[str, Any], run_dir: Path) -> None:
         reliability_png(out, run_dir / "reliability.png")
     except ImportError:
         print("warning: matplotlib is not installed; no reliability diagram", file=sys.stderr)
-    atomic_write_text(run_dir / "report.md", report_md(out))
+    atomic_write(run_dir / "report.md", report_md(out))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

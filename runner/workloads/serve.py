@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
 
+from runner.runs import atomic_write
 from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
 from runner.workloads.prompts import LETTERS, strip_choice_prefix
 
@@ -269,15 +270,6 @@ def create_app(
 # --- the job ---------------------------------------------------------------------------------------------
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -360,10 +352,10 @@ def run(job: Any, run_dir: Path) -> int:
         print(f"error: cannot listen on {srv.host}:{srv.port}: {e.strerror}; pick another server.port (0 = any free)")
         return 1
     url = url_of(sock)
-    atomic_write_json(run_dir / "serve.json", {
+    atomic_write(run_dir / "serve.json", json.dumps({
         "url": url, "host": sock.getsockname()[0], "port": sock.getsockname()[1], "pid": os.getpid(),
         "model": desc, "auth": token is not None, "started": time.time(),
-    })
+    }, indent=2) + "\n")
     print(f"serving {desc} at {url} (docs: {url}/docs)", flush=True)
 
     signals: list[int] = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from runner.runs import atomic_write
 from runner.workloads.agents import AnswerAgent, QuestionAgent, parse_answer_request
 from runner.workloads.format_filter import (
     FormatLimits,
@@ -340,8 +341,6 @@ def build_teams(spec: Any, log: Any = print) -> tuple[list[TeamPlayers], TokenCo
 
 
 def run(job: Any, run_dir: Path) -> int:
-    from runner.workloads.serve import atomic_write_json
-
     spec = job.spec
     r = spec.rules
     t0 = time.monotonic()
@@ -363,9 +362,8 @@ def run(job: Any, run_dir: Path) -> int:
     result["min_valid_fraction"] = r.min_valid_fraction
     result["models"] = models
     result["seconds"] = round(time.monotonic() - t0, 1)
-    atomic_write_json(run_dir / "tournament.json", result)
-    (run_dir / ".report.md.tmp").write_text(report_md(result, job.name))
-    (run_dir / ".report.md.tmp").replace(run_dir / "report.md")
+    atomic_write(run_dir / "tournament.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(run_dir / "report.md", report_md(result, job.name))
     for t in result["ranking"]:
         b = result["teams"][t]
         print(f"#{b['rank']} {t}: score {b['score']:.1f}  A {_fmt(b['answer_score'])}  Q {_fmt(b['question_score'])}  "

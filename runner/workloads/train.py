@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from runner.runs import atomic_write
 from runner.workloads.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
-from runner.workloads.data import MCQ, DataError, atomic_write_text, dedupe, load_sources, train_val_records
+from runner.workloads.data import MCQ, DataError, dedupe, load_sources, train_val_records
 from runner.workloads.modeling import attach_lora, base_model_path, load_model_and_tokenizer, runner_cache
 from runner.workloads.packing import (
     Example,
@@ -81,7 +82,7 @@ class Metrics:
         if not self.enabled or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -263,7 +264,7 @@ class Trainer:
                     losses.append(sum(per_tok[o : o + k]) / k)
                     o += k
         if self.main:
-            atomic_write_text(cache, json.dumps({"ids": ids, "losses": losses}))
+            atomic_write(cache, json.dumps({"ids": ids, "losses": losses}))
         return losses
 
     def base_correct(self, model: Any) -> list[MCQ]:
