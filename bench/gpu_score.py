@@ -110,31 +110,14 @@ def naive_loop(model: Any, tok: WordTokenizer, items: list[Item]) -> torch.Tenso
     return torch.tensor(out)
 
 
-@torch.no_grad()
-def unsorted_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz: int = 64) -> torch.Tensor:
-    """The baseline's single pass: unsorted batches of 64, left padding + mask, logits_to_keep=1."""
+def _left_padded_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz: int, by_length: bool) -> torch.Tensor:
+    """Fixed batches of `bsz` (sorted by length or as given), left padding + mask, logits_to_keep=1;
+    predictions in batch order."""
     letters = torch.tensor(letter_token_ids(tok, 4), device=DEV)
     prompts = tok([format_prompt(it.question, it.choices) for it in items])["input_ids"]
-    out = []
-    for s in range(0, len(prompts), bsz):
-        chunk = prompts[s : s + bsz]
-        T = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        att = torch.zeros(len(chunk), T, dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, T - len(p) :] = torch.tensor(p)
-            att[r, T - len(p) :] = 1
-        logits = model(input_ids=ids.to(DEV), attention_mask=att.to(DEV), logits_to_keep=1).logits[:, -1]
-        out.append(logits.index_select(-1, letters).argmax(-1))
-    return torch.cat(out).cpu()
-
-
-@torch.no_grad()
-def sorted_fixed_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz: int = 128) -> torch.Tensor:
-    """BENCHMARKS.md's better baseline: sorted by length, fixed batches of 128, left padding, one sync at the end."""
-    letters = torch.tensor(letter_token_ids(tok, 4), device=DEV)
-    prompts = tok([format_prompt(it.question, it.choices) for it in items])["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = list(range(len(prompts)))
+    if by_length:
+        order.sort(key=lambda i: len(prompts[i]))
     out = []
     for s in range(0, len(order), bsz):
         chunk = [prompts[i] for i in order[s : s + bsz]]
@@ -147,6 +130,18 @@ def sorted_fixed_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz:
         logits = model(input_ids=ids.to(DEV), attention_mask=att.to(DEV), logits_to_keep=1).logits[:, -1]
         out.append(logits.index_select(-1, letters).argmax(-1))
     return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def unsorted_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz: int = 64) -> torch.Tensor:
+    """The baseline's single pass: unsorted batches of 64, left padding + mask, logits_to_keep=1."""
+    return _left_padded_batches(model, tok, items, bsz, by_length=False)
+
+
+@torch.no_grad()
+def sorted_fixed_batches(model: Any, tok: WordTokenizer, items: list[Item], bsz: int = 128) -> torch.Tensor:
+    """BENCHMARKS.md's better baseline: sorted by length, fixed batches of 128, left padding, one sync at the end."""
+    return _left_padded_batches(model, tok, items, bsz, by_length=True)
 
 
 def timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
