@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from runner.workloads.prompts import LETTERS, format_prompt  # noqa: E402
 from runner.workloads.scoring import (  # noqa: E402
     compile_decoder_layers,
@@ -32,14 +34,6 @@ from runner.workloads.scoring import (  # noqa: E402
     score_mcq_per_choice,
 )
 
-SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064),
-}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
 PEAK_FLOPS = {"cuda": 790e12}  # measured bf16 matmul rate of an H200 (BENCHMARKS.md); MFU is relative to it
