@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+from runner.workloads.packed_attention import enable_packed_attention, varlen_available
 from runner.workloads.packing import Example, answer_loss_sum, collate_packed, pack_rows
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +42,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(size: str, gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, int]:
+def build(size: str, gradient_checkpointing: bool = False, varlen: bool = False) -> tuple[torch.nn.Module, int]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -50,6 +51,8 @@ def build(size: str, gradient_checkpointing: bool = False) -> tuple[torch.nn.Mod
     with torch.device(DEV):
         m = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE)
     n = sum(p.numel() for p in m.parameters())
+    if varlen and not enable_packed_attention(m):
+        raise RuntimeError("packed attention could not be enabled")
     if gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
@@ -78,15 +81,16 @@ def next_rows(stream: Any, rows: int, row_len: int, carry: list[Example]) -> lis
             return [[exs[i] for i in r] for r in packed]
 
 
-def ours(size: str, rows: int, row_len: int, steps: int, warm: int, peak: float, gc: bool = False) -> dict[str, Any]:
-    model, n_params = build(size, gc)
+def ours(size: str, rows: int, row_len: int, steps: int, warm: int, peak: float, gc: bool = False,
+         varlen: bool = False) -> dict[str, Any]:
+    model, n_params = build(size, gc, varlen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     stream = sample_stream(SIZES[size]["vocab_size"], max_len=row_len)
     carry: list[Example] = []
     tokens = 0
     total = 0.0
     for step in range(warm + steps):
-        batch = collate_packed(next_rows(stream, rows, row_len, carry), 0, DTYPE, row_len).to(DEV)
+        batch = collate_packed(next_rows(stream, rows, row_len, carry), 0, DTYPE, row_len, mask=not varlen).to(DEV)
         sync()
         t0 = time.perf_counter()
         loss = answer_loss_sum(model, batch) / len(batch.targets)
@@ -98,7 +102,8 @@ def ours(size: str, rows: int, row_len: int, steps: int, warm: int, peak: float,
             total += time.perf_counter() - t0
             tokens += batch.n_tokens
     tps = tokens / total
-    row = emit(bench="train", who="ours", size=size, layout=f"{rows}x{row_len}", gradient_checkpointing=gc,
+    row = emit(bench="train", who="ours", attention="varlen" if varlen else "4d-mask", size=size,
+               layout=f"{rows}x{row_len}", gradient_checkpointing=gc,
                params=n_params, tokens_per_s=round(tps, 1),
                mfu_4N=round(tps * 4 * n_params / peak, 4) if DEV == "cuda" else None,
                max_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else None)
@@ -109,14 +114,14 @@ def ours(size: str, rows: int, row_len: int, steps: int, warm: int, peak: float,
     return row
 
 
-def check_exact(size: str = "tiny") -> float:
+def check_exact(size: str = "tiny", varlen: bool = False) -> float:
     """Our packed answer-only loss equals the per-sample loss of the samples run alone (max abs diff)."""
-    model, _ = build(size)
+    model, _ = build(size, varlen=varlen)
     model.eval()
     stream = sample_stream(SIZES[size]["vocab_size"], seed=1)
     exs = [next(stream) for _ in range(4)]
     with torch.no_grad():
-        packed = collate_packed([exs], 0, DTYPE).to(DEV)
+        packed = collate_packed([exs[:2], exs[2:]], 0, DTYPE, mask=not varlen).to(DEV)
         a = answer_loss_sum(model, packed).float()
         b = sum(answer_loss_sum(model, collate_packed([[e]], 0, DTYPE).to(DEV)).float() for e in exs)
     return float((a - b).abs())
@@ -165,11 +170,16 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="path to hf_peft_baseline.py (default: ../shared/bench/)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--no-varlen", action="store_true", help="skip the variable-length attention runs")
     args = ap.parse_args()
     peak = float(os.environ.get("PEAK_TFLOPS", "790")) * 1e12
     emit(bench="env", dev=DEV, gpu=torch.cuda.get_device_name() if DEV == "cuda" else None, torch=torch.__version__,
          transformers=__import__("transformers").__version__, peak_tflops=peak / 1e12)
-    emit(bench="exactness", size="tiny", packed_vs_alone_abs_diff=check_exact())
+    varlen = DEV == "cuda" and varlen_available() and not args.no_varlen
+    emit(bench="exactness", size="tiny", attention="4d-mask", packed_vs_alone_abs_diff=check_exact())
+    if varlen or DEV == "cpu":  # on a CPU the mask-free path runs one SDPA per sample (checks the plumbing)
+        emit(bench="exactness", size="tiny", attention="varlen" if varlen else "per-sample-sdpa",
+             packed_vs_alone_abs_diff=check_exact(varlen=True))
     mod = None if args.no_baseline else load_baseline(args.baseline)
     if mod is None and not args.no_baseline:
         emit(bench="warning", message="baseline not found; pass --baseline PATH")
@@ -181,19 +191,24 @@ def main() -> None:
         results = []
         for lay in layouts.split(","):
             r, L = (int(x) for x in lay.split("x"))
-            try:
-                results.append(ours(size, r, L, steps, warm, peak, args.gradient_checkpointing))
-            except torch.OutOfMemoryError as e:
-                emit(bench="train", who="ours", size=size, layout=lay, error="OOM", detail=str(e)[:400])
-                e.__traceback__ = None
-                torch.cuda.empty_cache()
+            for vl in ([False, True] if varlen else [False]):
+                try:
+                    results.append(ours(size, r, L, steps, warm, peak, args.gradient_checkpointing, vl))
+                except torch.OutOfMemoryError as e:
+                    emit(bench="train", who="ours", size=size, layout=lay, varlen=vl, error="OOM", detail=str(e)[:400])
+                    e.__traceback__ = None
+                    torch.cuda.empty_cache()
+                except Exception as e:  # a kernel missing on this GPU/PyTorch: report it, keep measuring
+                    emit(bench="train", who="ours", size=size, layout=lay, varlen=vl, error=type(e).__name__,
+                         detail=str(e)[:400])
         best = max(results, key=lambda d: d["tokens_per_s"]) if results else None
         base = None
         if mod is not None:
             bsz = 8 if tiny else (16 if size == "0.5b" else 8)
             base = baseline(mod, size, "padded", bsz, steps, warm)
         if best and base and "tokens_per_s" in base:
-            emit(bench="summary", size=size, best_layout=best["layout"], ours_tokens_per_s=best["tokens_per_s"],
+            emit(bench="summary", size=size, best_layout=best["layout"], best_attention=best["attention"],
+                 ours_tokens_per_s=best["tokens_per_s"],
                  ours_mfu_4N=best["mfu_4N"], padded_baseline_tokens_per_s=base["tokens_per_s"],
                  speedup_vs_padded=round(best["tokens_per_s"] / base["tokens_per_s"], 2))
 

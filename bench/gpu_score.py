@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+from runner.workloads.packed_attention import enable_packed_attention
 from runner.workloads.prompts import LETTERS, format_prompt  # noqa: E402
 from runner.workloads.scoring import (  # noqa: E402
     compile_decoder_layers,
@@ -204,6 +205,17 @@ def bench_size(
                 record(f"ours_b{b}_t{mt or 0}_compiled", n, dt, batch=b, max_batch_tokens=mt)
         except Exception as e:  # a compiler failure must not hide the other numbers
             emit(bench="compile", size=size, error=f"{type(e).__name__}: {str(e)[:300]}")
+    try:  # prompts packed into rows, variable-length attention, last layer only at the answer positions
+        if not enable_packed_attention(model):
+            raise RuntimeError("packed attention could not be enabled")
+        score_mcq(model, tok, items[:256], batch_size=128, padding="packed")  # warm-up
+        for b, mt in configs:
+            packed, dt = timed(score_mcq, model, tok, items, batch_size=b, max_batch_tokens=mt, padding="packed")
+            record(f"ours_packed_b{b}_t{mt or 0}", n, dt, batch=b, max_batch_tokens=mt)
+        emit(bench="agreement", size=size, packed_vs_right_argmax=round(float((packed.argmax(-1) == right.argmax(-1))
+             .float().mean()), 4), max_abs_prob_diff=round(float((packed - right).abs().max()), 4))
+    except Exception as e:  # a kernel missing on this GPU/PyTorch must not hide the other numbers
+        emit(bench="packed", size=size, error=f"{type(e).__name__}: {str(e)[:300]}")
     best = max(v for k, v in results.items() if k.startswith("ours_"))
     emit(bench="summary", size=size, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
          params_b=round(n_params / 1e9, 2), mean_prompt_tokens=round(tokens / n, 1), ours_best_q_per_s=round(best, 1),

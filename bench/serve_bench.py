@@ -3,6 +3,10 @@ by 16 concurrent clients. Runs it twice, micro-batched and one request per forwa
 requests/s, p50/p99 latency and `serve_batching_speedup` (the ratio of the two throughputs).
 
     python bench/serve_bench.py [--requests 400] [--concurrency 16]
+    SERVE_BENCH_DEVICE=cuda python bench/serve_bench.py --shape 7b --lone   # GPU: a random-init 7B-shaped model
+
+`--shape 0.5b|7b` serves a random-init bf16 Qwen2.5-shaped model (bench/model_shapes.py) with the tiny
+tokenizer, saved once to a temp directory (nothing is downloaded); `--lone` also measures one client alone.
 """
 
 from __future__ import annotations
@@ -38,11 +42,33 @@ def questions(n: int) -> list[dict[str, Any]]:
     return out
 
 
-def start_service(run_dir: Path, max_batch: int, window_ms: float) -> tuple[subprocess.Popen[str], str]:
+def shaped_model(shape: str, out: Path) -> dict[str, Any]:
+    """A random-init model of a benchmark shape with the tiny tokenizer, saved to `out`; its `model:` section."""
+    import torch
+    from model_shapes import SIZES  # bench/ is on sys.path when run as a script
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from runner.workloads.modeling import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    shape_cfg = dict(SIZES[shape], vocab_size=max(SIZES[shape]["vocab_size"], len(tok)))
+    cfg = Qwen2Config(**shape_cfg, max_position_embeddings=4096, pad_token_id=tok.pad_token_id)
+    dtype = torch.bfloat16 if DEVICE != "cpu" else torch.float32
+    t = time.perf_counter()
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    del model
+    print(f"{shape}-shaped random-init model saved in {time.perf_counter() - t:.0f} s")
+    return {"base": str(out), "dtype": "bf16" if DEVICE != "cpu" else "fp32"}
+
+
+def start_service(run_dir: Path, max_batch: int, window_ms: float, model: dict[str, Any]) -> tuple[subprocess.Popen[str], str]:
     from ruamel.yaml import YAML
 
     job = {
-        "kind": "serve", "name": "serve-bench", "model": {"base": "tiny"}, "device": DEVICE, "threads": THREADS,
+        "kind": "serve", "name": "serve-bench", "model": model, "device": DEVICE, "threads": THREADS,
         "server": {"host": "127.0.0.1", "port": 0, "max_batch": max_batch, "batch_window_ms": window_ms,
                    "queue_size": 1024},
     }
@@ -63,27 +89,37 @@ def start_service(run_dir: Path, max_batch: int, window_ms: float) -> tuple[subp
 
 
 async def drive(url: str, qs: list[dict[str, Any]], n: int, concurrency: int) -> tuple[float, list[float], int]:
-    import httpx
+    """`concurrency` closed-loop clients on one aiohttp session (a load generator light enough to leave the
+    service the CPU: httpx costs ~2 ms of client CPU per request, aiohttp ~0.3 ms)."""
+    import aiohttp
 
     latencies: list[float] = []
     errors = 0
     counter = iter(range(n))
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as c:
         for _ in range(50):  # wait until it answers
             try:
-                if (await c.get("/healthz")).status_code == 200:
-                    break
-            except httpx.TransportError:
+                async with c.get("/healthz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
-        await asyncio.gather(*(c.post("/v1/answer", json=qs[i % len(qs)]) for i in range(concurrency)))  # warm-up
+
+        async def post(q: dict[str, Any]) -> int:
+            async with c.post("/v1/answer", json=q) as r:
+                await r.read()
+                return r.status
+
+        await asyncio.gather(*(post(qs[i % len(qs)]) for i in range(concurrency)))  # warm-up
 
         async def client() -> None:
             nonlocal errors
             for i in counter:
                 t = time.perf_counter()
-                r = await c.post("/v1/answer", json=qs[i % len(qs)])
+                status = await post(qs[i % len(qs)])
                 latencies.append(time.perf_counter() - t)
-                errors += r.status_code != 200
+                errors += status != 200
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -91,8 +127,8 @@ async def drive(url: str, qs: list[dict[str, Any]], n: int, concurrency: int) ->
 
 
 def measure(label: str, max_batch: int, window_ms: float, qs: list[dict[str, Any]], n: int, conc: int,
-            tmp: Path) -> float:
-    proc, url = start_service(tmp / label, max_batch, window_ms)
+            tmp: Path, model: dict[str, Any]) -> float:
+    proc, url = start_service(tmp / label, max_batch, window_ms, model)
     try:
         elapsed, lat, errors = asyncio.run(drive(url, qs, n, conc))
         health = json.loads(__import__("urllib.request").request.urlopen(f"{url}/healthz").read())
@@ -113,13 +149,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--shape", default="tiny", help="tiny (the trained tiny base) or a bench/model_shapes.py size")
+    ap.add_argument("--random", action="store_true", help="random-init weights even for `tiny` (a quick smoke test)")
+    ap.add_argument("--lone", action="store_true", help="also measure one client alone (micro-batched service)")
     args = ap.parse_args()
     qs = questions(100)
-    print(f"tiny model on {DEVICE} ({THREADS} torch thread(s)), {args.requests} requests, {args.concurrency} concurrent clients, procedural questions")
+    window = float(os.environ.get("SERVE_BENCH_WINDOW_MS", "4"))
     with tempfile.TemporaryDirectory() as d:
-        batched = measure("batched", 32, float(os.environ.get("SERVE_BENCH_WINDOW_MS", "4")), qs, args.requests,
-                          args.concurrency, Path(d))
-        single = measure("single", 1, 0.0, qs, args.requests, args.concurrency, Path(d))
+        trained_tiny = args.shape == "tiny" and not args.random
+        model = {"base": "tiny"} if trained_tiny else shaped_model(args.shape, Path(d) / "model")
+        from runner.workloads.modeling import build_tiny_tokenizer
+        from runner.workloads.prompts import format_prompt
+
+        tok = build_tiny_tokenizer()
+        mean_tokens = statistics.mean(len(tok(format_prompt(q["question"], q["choices"]))["input_ids"]) for q in qs)
+        print(f"{args.shape} model on {DEVICE} ({THREADS} torch thread(s)), {args.requests} requests, "
+              f"{args.concurrency} concurrent clients, procedural questions of {mean_tokens:.0f} tokens on average")
+        batched = measure("batched", 32, window, qs, args.requests, args.concurrency, Path(d), model)
+        single = measure("single", 1, 0.0, qs, args.requests, args.concurrency, Path(d), model)
+        if args.lone:
+            measure("lone_client", 32, window, qs, max(50, args.requests // 8), 1, Path(d), model)
     print(f"serve_batching_speedup: {batched / single:.2f} (target >= 2.0)")
     return 0
 

@@ -40,6 +40,40 @@ def test_packed_loss_equals_alone(tok_model: tuple[object, object]) -> None:
     assert torch.allclose(packed, alone[torch.tensor(order)], atol=1e-4), (packed - alone[torch.tensor(order)]).abs().max()
 
 
+def test_mask_free_packed_rows_equal_masked_rows() -> None:
+    """The varlen layout (no 4D mask, sample lengths instead; on a CPU one causal SDPA per sample) gives the masked
+    rows' answer losses and LoRA gradients, pad tails included."""
+    from peft import LoraConfig, get_peft_model
+
+    from runner.workloads.packed_attention import enable_packed_attention
+    from runner.workloads.packing import answer_loss_sum, varlen_training
+
+    torch.set_num_threads(1)
+    tok = build_tiny_tokenizer()
+    exs = _examples(tok, 12)
+    rows = [[exs[i] for i in r] for r in pack_rows([len(e) for e in exs], 200)]
+    grads = []
+    for mask in (True, False):
+        torch.manual_seed(0)
+        base = build_tiny_model(TinyModel(hidden_size=64, layers=2, heads=4, seed=3), len(tok), tok.pad_token_id)
+        assert enable_packed_attention(base)
+        assert not varlen_training(base, "cpu")  # on a CPU training keeps the mask unless told otherwise
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.2)
+        batch = collate_packed(rows, tok.pad_token_id, row_len=220, mask=mask)
+        assert (batch.attention_mask is None) is (not mask) and sum(batch.seq_lens) == batch.input_ids.numel()
+        loss = answer_loss_sum(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l2, l1, atol=1e-4, rtol=1e-5)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=1e-4)
+
+
 def test_position_ids_alone_would_leak(tok_model: tuple[object, object]) -> None:
     """Why the mask exists: with only restarting position ids, the second sample sees the first."""
     tok, model = tok_model

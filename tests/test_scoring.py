@@ -6,6 +6,7 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
+from runner.workloads.packed_attention import PACKED_ATTENTION, enable_packed_attention
 from runner.workloads.prompts import format_prompt, strip_choice_prefix
 from runner.workloads.scoring import (
     length_batches,
@@ -93,6 +94,52 @@ def test_lora_wrapped_model_uses_adapter(model, tok):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     base = score_mcq(model, tok, items, batch_size=5)
     assert not torch.allclose(got, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_packed_equals_reference(tok, layers):
+    """Prompts packed into one row (per-prompt causal attention, last layer only at the answer positions) score
+    exactly like one question at a time, for plain and LoRA-wrapped models, under a row token cap too."""
+    from peft import LoraConfig, get_peft_model
+
+    items = tiny.make_items(29, [2, 4, 5, 10], seed=11)
+    m = tiny.model(seed=3, layers=layers)
+    ref = reference_letters(m, tok, items)
+    assert enable_packed_attention(m) and m.config._attn_implementation == PACKED_ATTENTION
+    assert enable_packed_attention(m)  # idempotent: hooks are not stacked
+    for kw in ({"batch_size": 8}, {"batch_size": 64, "max_batch_tokens": 90}, {"batch_size": 1}):
+        got = score_mcq(m, tok, items, padding="packed", **kw)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(score_mcq(m, tok, items, batch_size=8), ref, atol=2e-5, rtol=1e-4)  # auto on CPU
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny.model(seed=3, layers=layers), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    pref = reference_letters(pm, tok, items)
+    assert enable_packed_attention(pm)
+    torch.testing.assert_close(score_mcq(pm, tok, items, batch_size=7, padding="packed"), pref, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_attention_leaves_other_forwards_unchanged(tok):
+    """Once enabled, the model's ordinary forwards (full logits, padded batches with a mask) are unchanged."""
+    m = tiny.model(seed=4)
+    ids = torch.randint(2, len(tok), (3, 21))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        before = m(input_ids=ids, attention_mask=mask).logits
+        enable_packed_attention(m)
+        after = m(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_needs_preparation_and_sdpa(model, tok):
+    items = tiny.make_items(3, 4)
+    with pytest.raises(ValueError, match="enable_packed_attention"):
+        score_mcq(tiny.model(seed=5), tok, items, padding="packed")
+    assert not enable_packed_attention(tiny.model(seed=5, attn="eager"))
 
 
 def test_per_choice_equals_reference(model, tok):

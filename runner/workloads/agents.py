@@ -22,6 +22,7 @@ from runner.workloads.format_filter import (
     approx_token_count,
     check_question,
 )
+from runner.workloads.packed_attention import enable_packed_attention
 from runner.workloads.prompts import LETTERS, strip_choice_prefix
 from runner.workloads.scoring import score_mcq
 
@@ -109,12 +110,15 @@ class AnswerAgent:
             probs = score_mcq(model, tok, shifted, batch_size=self.batch_size)
             dt = time.monotonic() - t0
             self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
-            for r, it in enumerate(items):
-                k = len(it.choices)
-                s = shift % k
-                # shifted letter j shows original choice (j + s) % k
-                idx = torch.tensor([(j + s) % k for j in range(k)])
-                total[r].index_add_(0, idx, probs[r, :k].float())
+            if shift == 0:
+                total += probs.float()
+            else:
+                for r, it in enumerate(items):
+                    k = len(it.choices)
+                    s = shift % k
+                    # shifted letter j shows original choice (j + s) % k
+                    idx = torch.tensor([(j + s) % k for j in range(k)])
+                    total[r].index_add_(0, idx, probs[r, :k].float())
             passes += 1
         if passes:
             total /= passes
@@ -139,15 +143,15 @@ class AnswerAgent:
         if passes == 0:
             return [self.fallback(it) for it in items]
         out = []
-        for r, it in enumerate(items):
-            p = probs[r, : len(it.choices)]
-            order = torch.argsort(p, descending=True).tolist()
+        for row, it in zip(probs.tolist(), items, strict=True):
+            p = row[: len(it.choices)]
+            order = sorted(range(len(p)), key=lambda j: -p[j])  # stable: ties go to the earlier letter
             best = order[0]
-            ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(float(p[best]), 4)}
+            ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(p[best], 4)}
             if self.reasoning:
-                text = f"{LETTERS[best]}) {_short(it.choices[best])} is the most likely choice ({float(p[best]):.0%})"
+                text = f"{LETTERS[best]}) {_short(it.choices[best])} is the most likely choice ({p[best]:.0%})"
                 if len(order) > 1:
-                    text += f"; next is {LETTERS[order[1]]} ({float(p[order[1]]):.0%})"
+                    text += f"; next is {LETTERS[order[1]]} ({p[order[1]]:.0%})"
                 ans["reasoning"] = text + "."
             else:
                 ans["reasoning"] = ""
@@ -413,7 +417,14 @@ def find_adapter(path: Path) -> Path:
 
 def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
-    the job-local model (+ adapter)."""
+    the job-local model (+ adapter). The model is for inference only: it may take the packed scoring path."""
+    model, tok, desc = _load_source(source, device, log)
+    if torch.device(device).type == "cpu":
+        enable_packed_attention(model)
+    return model, tok, desc
+
+
+def _load_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:
     if source.registry is not None:
         from runner.registry import IntegrityError, RegistryError
         from runner.workloads.artifact import load_artifact

@@ -1,8 +1,11 @@
-"""Turn MCQ records into training tensors: tokenised examples, packed rows with a block-diagonal causal mask
-(samples never attend to each other; position ids restart per sample), padded batches, and the answer-only loss.
+"""Turn MCQ records into training tensors: tokenised examples, packed rows (samples never attend to each other;
+position ids restart per sample), padded batches, and the answer-only loss.
 
-Why a 4D mask: with transformers 5 on sdpa/eager, restarting position ids alone still lets a packed sample
-attend to the ones before it; an explicit additive [B, 1, T, T] mask is exact.
+Packed rows keep samples apart in one of two ways. By default an additive block-diagonal [B, 1, T, T] mask
+(with transformers 5 on sdpa/eager, restarting position ids alone would still let a sample attend to the ones
+before it). Where variable-length attention is available (`packed_attention`: PyTorch's varlen flash kernel on
+CUDA), `collate_packed(..., mask=False)` builds no mask at all and the forward passes the samples' lengths
+instead: no O(T^2) mask, and the flash kernel instead of the masked ones.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from runner.workloads.packed_attention import Packed, packed_forward, packed_ready, varlen_available
 from runner.workloads.prompts import answer_text, format_prompt
 
 
@@ -42,21 +46,23 @@ def encode_mcq(tokenizer: Any, rec: Any, max_len: int, answer: str | None = None
 class Batch:
     input_ids: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, 1, T, T] additive (packed) or [B, T] 0/1 (padded)
+    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive (packed), [B, T] 0/1 (padded), None: seq_lens
     loss_mask: torch.Tensor  # [B, T] bool: positions whose next token is an answer token
     targets: torch.Tensor  # [K] the answer tokens, in loss_mask order (row-major)
     n_tokens: int  # real (non-pad) tokens
     n_samples: int
+    seq_lens: list[int] | None = None  # packed: lengths of the samples and pad tails over the flattened B*T
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             input_ids=self.input_ids.to(device),
             position_ids=self.position_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
+            attention_mask=None if self.attention_mask is None else self.attention_mask.to(device),
             loss_mask=self.loss_mask.to(device),
             targets=self.targets.to(device),
             n_tokens=self.n_tokens,
             n_samples=self.n_samples,
+            seq_lens=self.seq_lens,
         )
 
 
@@ -76,10 +82,15 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
 
 
 def collate_packed(
-    rows: Sequence[Sequence[Example]], pad_id: int, dtype: torch.dtype = torch.float32, row_len: int | None = None
+    rows: Sequence[Sequence[Example]],
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    row_len: int | None = None,
+    mask: bool = True,
 ) -> Batch:
     """Rows of examples -> one packed batch. T is the longest row (or `row_len`); pad positions attend only to
-    themselves (a fully masked row would give NaNs) and carry no loss."""
+    themselves (a fully masked row would give NaNs) and carry no loss. `mask=False`: no 4D mask, only
+    `seq_lens` (each row's pad tail is one sequence of its own), for variable-length attention."""
     T = row_len or max(sum(len(e) for e in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -87,6 +98,7 @@ def collate_packed(
     seg = torch.arange(T).repeat(B, 1) + 1_000_000  # pads: a segment of their own
     loss_mask = torch.zeros((B, T), dtype=torch.bool)
     targets: list[int] = []
+    seq_lens: list[int] = []
     n_tokens = 0
     n_samples = 0
     for b, row in enumerate(rows):
@@ -100,11 +112,19 @@ def collate_packed(
             o += n
             n_tokens += n
             n_samples += 1
+            seq_lens.append(n)
+        if o > T:
+            raise ValueError(f"row {b} holds {o} tokens, more than the row length {T}")
+        if o < T:
+            seq_lens.append(T - o)
         targets.extend(_row_targets(row))
+    tgt = torch.tensor(targets, dtype=torch.long)
+    if not mask:
+        return Batch(ids, pos, None, loss_mask, tgt, n_tokens, n_samples, seq_lens)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal
-    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return Batch(ids, pos, mask, loss_mask, torch.tensor(targets, dtype=torch.long), n_tokens, n_samples)
+    am = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return Batch(ids, pos, am, loss_mask, tgt, n_tokens, n_samples, seq_lens)
 
 
 def _row_targets(row: Sequence[Example]) -> list[int]:
@@ -136,10 +156,28 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
 _BOOL_KEEP: bool | None = None  # does the installed transformers take a boolean `logits_to_keep`?
 
 
+def varlen_training(model: Any, device: torch.device | str) -> bool:
+    """Whether packed rows should go without a mask (`collate_packed(mask=False)`): on CUDA with PyTorch's
+    variable-length attention, for a model prepared with `packed_attention.enable_packed_attention`."""
+    return torch.device(device).type == "cuda" and varlen_available() and packed_ready(model)
+
+
 def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
     """Logits [K, V] at the answer positions only: the lm_head runs on K hidden states, not B*T."""
+    kw: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    if batch.attention_mask is not None:
+        kw["attention_mask"] = batch.attention_mask
+        return _answer_logits(model, batch, kw)
+    if batch.seq_lens is None or not packed_ready(model):
+        raise ValueError("a batch without an attention mask needs seq_lens and a model with packed attention")
+    packed = Packed.from_lengths(batch.seq_lens, batch.input_ids.device)
+    kw["qa_packed"] = packed
+    with packed_forward(packed):
+        return _answer_logits(model, batch, kw)
+
+
+def _answer_logits(model: Any, batch: Batch, kw: dict[str, Any]) -> torch.Tensor:
     global _BOOL_KEEP
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     if _BOOL_KEEP is not False:
         try:
             logits = model(**kw, logits_to_keep=batch.loss_mask, use_cache=False).logits

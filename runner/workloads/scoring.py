@@ -6,25 +6,49 @@ causal model a real token never attends to the pads after it, so the result is e
 flash kernel (`is_causal`), and the vocabulary projection runs only on each row's last real position.
 Models whose logits are not a plain projection of the last hidden state take the left-padded path
 (attention mask + position ids + `logits_to_keep=1`). Results stay on the device until one copy at the end.
+
+On a CPU, where every padded token costs as much as a real one, models prepared with `enable_packed_attention`
+take the packed path instead: a batch's prompts are concatenated into one row with position ids restarting per
+prompt, and attention runs causally inside each prompt's own span (one SDPA call per prompt), so no compute is
+spent on padding and the linear layers see one large matrix instead of many small ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from runner.workloads.packed_attention import Packed, packed_forward, packed_ready
 from runner.workloads.prompts import LETTERS, answer_text, format_prompt, strip_choice_prefix
 
-Padding = Literal["auto", "right", "left"]
+Padding = Literal["auto", "right", "left", "packed"]
 # Config attributes that mean the logits are not `lm_head(hidden)`: those models take the full forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+_LETTER_IDS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
 def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[int]:
-    """Token id of ' A', ' B', ... (each must be a single token for single-pass scoring)."""
+    """Token id of ' A', ' B', ... (each must be a single token for single-pass scoring); cached per tokenizer."""
+    try:
+        cached = _LETTER_IDS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is None:
+        cached = _letter_token_ids(tokenizer)
+        with contextlib.suppress(TypeError):
+            _LETTER_IDS[tokenizer] = cached
+    return cached[:n]
+
+
+def _letter_token_ids(tokenizer: Any) -> list[int]:
+    n = len(LETTERS)
     ids = []
     for letter in LETTERS[:n]:
         toks = tokenizer.encode(answer_text(letter), add_special_tokens=False)
@@ -158,6 +182,42 @@ def _to(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+PACKED_ROW_TOKENS = 4096  # a packed row's default length cap
+
+
+def _packed_letter_logits(
+    decoder: Any,
+    head: Any,
+    prompts: list[list[int]],
+    letters: torch.Tensor,
+    batch_size: int,
+    max_batch_tokens: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Letter logits [n, 10] with the prompts packed into rows of at most `batch_size` prompts / a token cap."""
+    cap = max_batch_tokens or PACKED_ROW_TOKENS
+    n_layers = len(decoder.layers)
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, p in enumerate(prompts):
+        if rows[-1] and (len(rows[-1]) >= batch_size or used + len(p) > cap):
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += len(p)
+    results = []
+    for row in rows:
+        lens = [len(prompts[i]) for i in row]
+        ids = _to(np.concatenate([np.asarray(prompts[i], dtype=np.int64) for i in row])[None], device)
+        pos = _to(np.concatenate([np.arange(n, dtype=np.int64) for n in lens])[None], device)
+        ends = _to(np.cumsum(lens) - 1, device)
+        packed = Packed.from_lengths(lens, device, last_layer=n_layers - 1, ends=ends)
+        with packed_forward(packed):
+            hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, qa_packed=packed).last_hidden_state
+        results.append(head(hidden[0, ends]).index_select(-1, letters).float())
+    return torch.cat(results)
+
+
 @torch.no_grad()
 def letter_logits(
     model: Any,
@@ -190,15 +250,22 @@ def letter_logits(
     prompts = encode_prompts(tokenizer, items)
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]
-    parts = _fast_path_parts(model) if padding in ("auto", "right") else None
-    if padding == "right" and parts is None:
-        raise ValueError("right padding needs a model whose logits are lm_head(last hidden state)")
+    parts = _fast_path_parts(model) if padding in ("auto", "right", "packed") else None
+    if padding in ("right", "packed") and parts is None:
+        raise ValueError(f"{padding} padding needs a model whose logits are lm_head(last hidden state)")
+    if padding == "packed" and not packed_ready(model):
+        raise ValueError("packed scoring needs a model prepared with enable_packed_attention")
+    packed = parts is not None and packed_ready(model) and (padding == "packed" or device.type == "cpu")
     side = "right" if parts is not None else "left"
     choice_mask = _to(np.arange(n_letters)[None, :] >= np.asarray(n_choices)[:, None], device)
     pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
+        if packed:
+            assert parts is not None
+            out[:] = _packed_letter_logits(*parts, prompts, letters, batch_size, max_batch_tokens, device)
+            return out.masked_fill(choice_mask, float("-inf"))
         batches = length_batches([len(p) for p in prompts], batch_size, max_batch_tokens)
         order = _to(np.asarray([i for b in batches for i in b], dtype=np.int64), device)
         results = []

@@ -32,6 +32,7 @@ from runner.runs import atomic_write
 from runner.workloads.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
 from runner.workloads.data import MCQ, DataError, dedupe, load_sources, train_val_records
 from runner.workloads.modeling import attach_lora, base_model_path, load_model_and_tokenizer, runner_cache
+from runner.workloads.packed_attention import enable_packed_attention, varlen_available
 from runner.workloads.packing import (
     Example,
     answer_loss_sum,
@@ -39,6 +40,7 @@ from runner.workloads.packing import (
     collate_padded,
     encode_mcq,
     per_token_losses,
+    varlen_training,
 )
 from runner.workloads.scoring import score_mcq
 
@@ -212,6 +214,8 @@ class Trainer:
         self.replay_ex = [encode_mcq(self.tok, r, L) for r in replay]
 
         torch.manual_seed(t.seed)  # the adapter's init must not depend on whether the base came from a cache
+        if self.device.type == "cuda" and varlen_available():
+            enable_packed_attention(model)  # packed rows then train through varlen flash attention, no 4D mask
         model = attach_lora(model, self.spec.lora)
         self.n_params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -242,6 +246,9 @@ class Trainer:
         )
         self.flops_peak = peak_flops(self.device)
         self.dtype = next(self.model.parameters()).dtype
+        self.varlen = t.packing and varlen_training(model, self.device)
+        if self.varlen:
+            self.log("attention: packed rows through variable-length flash attention (no 4D mask)")
 
     def base_losses(self, model: Any) -> list[float]:
         """Base-model answer loss per training record (curriculum order `loss`), computed once per run dir."""
@@ -449,7 +456,7 @@ class Trainer:
         loss_sum = 0.0
         for i, mb in enumerate(micro):
             if t.packing:
-                batch = collate_packed(mb, self.tok.pad_token_id, self.dtype)
+                batch = collate_packed(mb, self.tok.pad_token_id, self.dtype, mask=not self.varlen)
             else:
                 batch = collate_padded([e for row in mb for e in row], self.tok.pad_token_id)
             batch = batch.to(self.device)

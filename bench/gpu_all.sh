@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go, for a GPU machine without network access: CUDA PyTorch, transformers, peft
+# and accelerate installed, and the serving packages (fastapi, uvicorn, pydantic, ruamel.yaml) importable.
+#
+#   bench/gpu_all.sh [serve|train|score|all] [PATH/TO/hf_peft_baseline.py]
+#
+# serve: the HTTP answer service on a random-init 7B-shaped model, 16 clients (micro-batched and one request
+#        per forward) and one client alone; train: LoRA training throughput, 0.5B and 7B shapes, 4D mask and
+#        variable-length attention, against the padded baseline; score: MCQ scoring methods, 7B shape.
+# Results go to ${OUT:-bench/out}/ (text and JSON lines); copy the numbers into bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 RUNNER_CACHE=${RUNNER_CACHE:-/tmp/qa-runner-cache}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+what=${1:-all}
+baseline=${2:-}
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $py -c 'import sys, torch, transformers, peft
+print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
+import runner.workloads.packed_attention as pa
+print("varlen attention:", pa.varlen_available(), sorted(pa._VARLEN_PARAMS))'
+} 2>&1 | tee "$out/env.txt"
+
+if [[ $what == serve || $what == all ]]; then
+    SERVE_BENCH_DEVICE=cuda timeout 330 $py bench/serve_bench.py --shape 7b --requests 800 --lone 2>&1 | tee "$out/serve_7b.txt"
+fi
+if [[ $what == train || $what == all ]]; then
+    timeout 270 $py bench/gpu_bench.py --size 0.5b,7b ${baseline:+--baseline "$baseline"} 2>&1 | tee "$out/train.jsonl"
+fi
+if [[ $what == score || $what == all ]]; then
+    timeout 200 $py bench/gpu_score.py --size 7b --compile "" 2>&1 | tee "$out/score_7b.jsonl"
+fi
