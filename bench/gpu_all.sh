@@ -28,11 +28,13 @@ print("varlen attention:", pa.varlen_available(), sorted(pa._VARLEN_PARAMS))'
 } 2>&1 | tee "$out/env.txt"
 
 if [[ $what == serve || $what == all ]]; then
-    SERVE_BENCH_DEVICE=cuda timeout 330 $py bench/serve_bench.py --shape 7b --requests 800 --lone 2>&1 | tee "$out/serve_7b.txt"
+    SERVE_BENCH_DEVICE=cuda timeout 330 $py bench/serve_bench.py --shape 7b --requests 800 --lone --compare-graphs \
+        2>&1 | tee "$out/serve_7b.txt"
 fi
 if [[ $what == train || $what == all ]]; then
-    timeout 270 $py bench/gpu_bench.py --size 0.5b,7b ${baseline:+--baseline "$baseline"} 2>&1 | tee "$out/train.jsonl"
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of words
+    timeout 270 $py bench/gpu_bench.py ${TRAIN_ARGS:---size 0.5b,7b} ${baseline:+--baseline "$baseline"} 2>&1 | tee "$out/train.jsonl"
 fi
 if [[ $what == score || $what == all ]]; then
-    timeout 200 $py bench/gpu_score.py --size 7b --compile "" 2>&1 | tee "$out/score_7b.jsonl"
+    timeout 200 $py bench/gpu_score.py --size 7b --compile "" ${SCORE_ARGS:-} 2>&1 | tee "$out/score_7b.jsonl"
 fi

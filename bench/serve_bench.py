@@ -64,11 +64,13 @@ def shaped_model(shape: str, out: Path) -> dict[str, Any]:
     return {"base": str(out), "dtype": "bf16" if DEVICE != "cpu" else "fp32"}
 
 
-def start_service(run_dir: Path, max_batch: int, window_ms: float, model: dict[str, Any]) -> tuple[subprocess.Popen[str], str]:
+def start_service(run_dir: Path, max_batch: int, window_ms: float, model: dict[str, Any],
+                  graphs: bool = True) -> tuple[subprocess.Popen[str], str]:
     from ruamel.yaml import YAML
 
     job = {
         "kind": "serve", "name": "serve-bench", "model": model, "device": DEVICE, "threads": THREADS,
+        "answer": {"cuda_graphs": graphs},
         "server": {"host": "127.0.0.1", "port": 0, "max_batch": max_batch, "batch_window_ms": window_ms,
                    "queue_size": 1024},
     }
@@ -127,14 +129,22 @@ async def drive(url: str, qs: list[dict[str, Any]], n: int, concurrency: int) ->
 
 
 def measure(label: str, max_batch: int, window_ms: float, qs: list[dict[str, Any]], n: int, conc: int,
-            tmp: Path, model: dict[str, Any]) -> float:
-    proc, url = start_service(tmp / label, max_batch, window_ms, model)
+            tmp: Path, model: dict[str, Any], graphs: bool = True) -> float:
+    proc, url = start_service(tmp / label, max_batch, window_ms, model, graphs)
     try:
         elapsed, lat, errors = asyncio.run(drive(url, qs, n, conc))
         health = json.loads(__import__("urllib.request").request.urlopen(f"{url}/healthz").read())
+    except Exception as e:  # the service died or stopped answering: show why, go on with the next measurement
+        proc.poll()
+        log = (tmp / label / "run.log").read_text()
+        print(f"serve_{label}_failed: {type(e).__name__}: {e} (service exit code {proc.returncode})\n{log[-4000:]}")
+        return float("nan")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        for line in (tmp / label / "run.log").read_text().splitlines():
+            if "cuda graphs" in line:
+                print(f"serve_{label}: {line}")
     lat.sort()
     rps = n / elapsed
     print(f"serve_{label}_requests_per_s: {rps:.1f}")
@@ -152,6 +162,8 @@ def main() -> int:
     ap.add_argument("--shape", default="tiny", help="tiny (the trained tiny base) or a bench/model_shapes.py size")
     ap.add_argument("--random", action="store_true", help="random-init weights even for `tiny` (a quick smoke test)")
     ap.add_argument("--lone", action="store_true", help="also measure one client alone (micro-batched service)")
+    ap.add_argument("--compare-graphs", action="store_true",
+                    help="GPU: also measure 16 clients and one client with `answer.cuda_graphs: false`")
     args = ap.parse_args()
     qs = questions(100)
     window = float(os.environ.get("SERVE_BENCH_WINDOW_MS", "4"))
@@ -169,6 +181,9 @@ def main() -> int:
         single = measure("single", 1, 0.0, qs, args.requests, args.concurrency, Path(d), model)
         if args.lone:
             measure("lone_client", 32, window, qs, max(50, args.requests // 8), 1, Path(d), model)
+        if args.compare_graphs:
+            measure("batched_no_graphs", 32, window, qs, args.requests, args.concurrency, Path(d), model, False)
+            measure("lone_client_no_graphs", 32, window, qs, max(50, args.requests // 8), 1, Path(d), model, False)
     print(f"serve_batching_speedup: {batched / single:.2f} (target >= 2.0)")
     return 0
 

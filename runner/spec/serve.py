@@ -42,6 +42,10 @@ class AnswerAgentSpec(Section):
     deadline_s: float = Field(6.0, gt=0, description="Time per answer; when it runs short, answer with the passes done.")
     batch_size: int = Field(32, ge=1, description="Questions per forward pass.")
     reasoning: bool = Field(True, description="Add a one-sentence reasoning to each answer.")
+    cuda_graphs: bool = Field(
+        True, description="Serving on a GPU: record the scoring forward for small batches as CUDA graphs at start-up "
+        "(a served question's forward is bound by kernel launches; a graph replays them in one)."
+    )
 
 
 class QuestionAgentSpec(Section):

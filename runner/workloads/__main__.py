@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import sys
@@ -18,6 +19,7 @@ WORKLOADS = {
 
 
 def main() -> int:
+    faulthandler.enable()  # a native crash (a CUDA fault, a segfault) still leaves a Python traceback in the log
     run_dir = Path(os.environ.get("RUNNER_RUN_DIR", ".")).resolve()
     job_file = run_dir / "job.yaml"
     if not job_file.exists():

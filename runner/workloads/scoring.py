@@ -80,7 +80,7 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _fast_path_parts(model: Any) -> tuple[Any, Any] | None:
+def fast_path_parts(model: Any) -> tuple[Any, Any] | None:
     """(decoder, lm_head) when logits are exactly `lm_head(decoder(x).last_hidden_state)`, else None."""
     cfg = getattr(model, "config", None)
     if cfg is None or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING):
@@ -250,7 +250,7 @@ def letter_logits(
     prompts = encode_prompts(tokenizer, items)
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]
-    parts = _fast_path_parts(model) if padding in ("auto", "right", "packed") else None
+    parts = fast_path_parts(model) if padding in ("auto", "right", "packed") else None
     if padding in ("right", "packed") and parts is None:
         raise ValueError(f"{padding} padding needs a model whose logits are lm_head(last hidden state)")
     if padding == "packed" and not packed_ready(model):
@@ -266,14 +266,18 @@ def letter_logits(
             assert parts is not None
             out[:] = _packed_letter_logits(*parts, prompts, letters, batch_size, max_batch_tokens, device)
             return out.masked_fill(choice_mask, float("-inf"))
+        graphs = getattr(model, "_qa_cuda_graphs", None) if parts is not None else None
         batches = length_batches([len(p) for p in prompts], batch_size, max_batch_tokens)
         order = _to(np.asarray([i for b in batches for i in b], dtype=np.int64), device)
         results = []
         for ids, att, lens in _stage(prompts, batches, pad, side, device):
             if parts is not None:
                 decoder, head = parts
-                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-                logits = head(hidden[torch.arange(ids.shape[0], device=device), lens - 1])
+                last = graphs(ids, lens) if graphs is not None else None  # recorded forward (CUDA graphs)
+                if last is None:
+                    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                    last = hidden[torch.arange(ids.shape[0], device=device), lens - 1]
+                logits = head(last)
             else:
                 pos = (att.cumsum(-1) - 1).clamp(min=0)
                 logits = model(
@@ -343,7 +347,7 @@ def score_mcq_per_choice(
             starts.append(len(contexts[i]))
             owners.append((i, j))
             denom.append(float(len(text)) if normalize == "chars" else 1.0)
-    parts = _fast_path_parts(model)
+    parts = fast_path_parts(model)
     pad = _pad_id(tokenizer)
     flat = torch.full((len(seqs),), float("-inf"), device=device)
     was_training = model.training

@@ -298,6 +298,11 @@ def build_agents(spec: Any, log: Any = print) -> tuple[AnswerAgent, QuestionAgen
         members.append((m, t))
         desc += f" + {d}"
     a = spec.answer
+    if device != "cpu" and getattr(a, "cuda_graphs", False):
+        from runner.workloads.cuda_graphs import enable_cuda_graphs
+
+        for m, t in members:
+            enable_cuda_graphs(m, t.pad_token_id, log)
     agent = AnswerAgent(members, permutations=a.permutations, deadline_s=a.deadline_s, batch_size=a.batch_size,
                         reasoning=a.reasoning)
     qa = question_agent_from_spec(spec.question, agent, (model, tok), token_counter(tok))
