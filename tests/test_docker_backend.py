@@ -93,6 +93,15 @@ def test_cuda_flavour_requests_gpus_and_tiny_training_has_no_network() -> None:
     assert spec.network == "none" and not spec.devices and spec.ipc_mode is None
 
 
+def test_a_service_shares_the_host_network_so_its_address_means_the_same() -> None:
+    job = load_job(str(ROOT / "jobs" / "serve.yaml"), ["image=cpu", "backend=docker", "server.port=8123"])
+    spec = container_spec(render_plan(job, "docker"), "/r", "id")
+    assert spec.network == "host" and spec.ports == []  # loopback stays loopback; nothing to publish
+    args = spec.docker_args()
+    assert "--network" in args and args[args.index("--network") + 1] == "host" and "-p" not in args
+    assert spec.sdk_kwargs()["network_mode"] == "host" and "ports" not in spec.sdk_kwargs()
+
+
 def test_no_engine_is_one_plain_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(EnvironmentProblem, match=r"no Docker engine answers at unix:///nonexistent/docker.sock.*"
@@ -294,3 +303,33 @@ def test_quickstart_trains_in_a_container_and_cancel_keeps_a_checkpoint(engine: 
     assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     assert any(last.iterdir()), "the last checkpoint is complete"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_service_in_a_container_answers_on_the_port_serve_json_names(engine: object, cpu_image: str,
+                                                                        runner_home: Path, tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    f = tmp_path / "serve-docker.yaml"
+    f.write_text("kind: serve\nname: serve-docker\nbackend: docker\nimage: cpu\nmodel: {base: tiny}\n"
+                 "server: {port: 0, max_seconds: 600}\n")
+    p = run_cli("run", str(f), "--detach", timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run_dir = next((runner_home / "runs" / "serve-docker").iterdir())
+    try:
+        end = time.monotonic() + 600
+        while time.monotonic() < end and not (run_dir / "serve.json").exists():
+            assert json.loads((run_dir / "status.json").read_text())["state"] in ("pending", "running"), \
+                (run_dir / "run.log").read_text()[-3000:]
+            time.sleep(1)
+        url = json.loads((run_dir / "serve.json").read_text())["url"]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        r = httpx.post(f"{url}/v1/answer", json={"question": "2 + 2 = ?", "choices": ["3", "4", "5", "22"]}, timeout=60)
+        assert r.status_code == 200 and r.json()["answer"] in "ABCD", r.text
+    finally:
+        p = run_cli("cancel", run_dir.name, "--grace", "30", timeout=120)
+    assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
+    assert _containers(engine, run_dir.name) == []

@@ -189,6 +189,15 @@ def wants_network(plan: Plan) -> bool:
     return not local
 
 
+def network_mode(plan: Plan) -> str | None:
+    """`host` for a service: its `server.host`/`server.port` then mean what they mean for a local process (loopback
+    stays loopback, port 0 picks a free host port that serve.json reports); `none` when nothing needs the network;
+    None (the engine's default network) otherwise."""
+    if plan.kind == "serve":
+        return "host"
+    return None if wants_network(plan) else "none"
+
+
 def container_spec(plan: Plan, run_dir: str, run_id: str, *, uid: int | None = None, gid: int | None = None,
                    render_minors: list[int] | None = None, cache_dir: str | None = None,
                    extra_gids: list[str] | None = None) -> ContainerSpec:
@@ -212,8 +221,8 @@ def container_spec(plan: Plan, run_dir: str, run_id: str, *, uid: int | None = N
         user=f"{os.getuid() if uid is None else uid}:{os.getgid() if gid is None else gid}",
         workdir=plan.workdir,
         shm_size=f"{res.shm_gb}g",
-        network=None if wants_network(plan) else "none",
-        ports=list(plan.ports),
+        network=network_mode(plan),
+        ports=[] if network_mode(plan) == "host" else list(plan.ports),  # the host's own ports: nothing to publish
     )
     if plan.image.flavour == "rocm":
         flags = amd_device_flags(res.gpus, render_minors)
