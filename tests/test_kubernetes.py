@@ -48,6 +48,24 @@ def test_plan_prints_manifests_that_pass_the_kubernetes_schemas() -> None:
         kubernetes_validate.validate(d, version, strict=True)
 
 
+def test_eval_pods_read_the_registry_and_runs_from_the_volume_read_only() -> None:
+    def mounts_env(path: Path, *sets: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        plan = render_plan(load_job(path, ["backend=kubernetes", "image=cuda", *sets], "kubernetes"), "kubernetes")
+        docs = manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID)
+        for d in docs:
+            kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+        c = _by_kind(docs)["Job"]["spec"]["template"]["spec"]["containers"][0]
+        return {m["mountPath"]: m for m in c["volumeMounts"]}, {e["name"]: e.get("value") for e in c["env"]}
+
+    mounts, env = mounts_env(ROOT / "jobs" / "eval-checkpoint.yaml")
+    home = env["RUNNER_HOME"]
+    for sub in ("registry", "runs"):
+        m = mounts[f"{home}/{sub}"]
+        assert m["subPath"] == sub and m["readOnly"] is True
+    mounts, env = mounts_env(JOB_4NODE)  # training writes only its own run directory
+    assert "RUNNER_HOME" not in env and not any(p.endswith("/registry") for p in mounts)
+
+
 def test_indexed_job_one_pod_per_node_with_rank_from_completion_index() -> None:
     k = _by_kind(_manifests())
     job = k["Job"]["spec"]

@@ -27,6 +27,7 @@ DEFAULT_CLAIM = "qa-runner-runs"
 RUN_DIR = "/workspace/run"
 CACHE_DIR = "/workspace/cache"
 PROJECT_DIR = "/workspace/project"
+HOME_DIR = "/workspace/home"  # RUNNER_HOME of eval, serve and tournament pods: the volume's registry/ and runs/, read-only
 POLL_S = 2.0
 HOST_ONLY_ENV = ("RUNNER_RUN_DIR", "RUNNER_CACHE", "RUNNER_HOME", "RUNNER_WORKDIR", "HF_HOME")
 
@@ -237,6 +238,9 @@ class KubernetesBackend:
                 run_dir=RUN_DIR,
                 cache_dir=CACHE_DIR,
                 project_dir=PROJECT_DIR,
+                # eval/serve/tournament read registry versions and other runs' checkpoints from the volume
+                reads_home=plan.kind not in ("train", "prepare"),
+                home_dir=HOME_DIR,
             ),
         }
 
