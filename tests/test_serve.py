@@ -21,7 +21,7 @@ import pytest
 import torch
 import uvicorn
 
-from runner.workloads.agents import AnswerAgent, QuestionAgent
+from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
 from runner.workloads.format_filter import check_answer, check_question, token_counter
 from runner.workloads.serve import MicroBatcher, bind, create_app, url_of
 
@@ -182,6 +182,28 @@ def test_full_queue_gets_503_and_overdue_requests_get_the_fallback(agent: Answer
     ok = [r.json() for r in rs if r.status_code == 200]
     assert all(a["answer"] == "B" and "deadline" in a["reasoning"] for a in ok)  # the fallback, not a hang
     assert took < 3.0
+
+
+def test_a_lone_request_skips_the_batch_window_but_a_busy_service_batches(agent: AnswerAgent) -> None:
+    batcher = MicroBatcher(agent, max_batch=32, window_s=0.5).start()
+    item = AnswerItem("Which?", ["a", "b", "c"])
+    try:
+        for _ in range(2):  # idle service: answered without waiting out the 0.5 s window
+            t0 = time.monotonic()
+            batcher.submit([item], time.monotonic() + 10).result(timeout=10)
+            assert time.monotonic() - t0 < 0.4
+        # Under load (the last pass was a batch, or others are queued) the window gathers a batch.
+        futs = [batcher.submit([item], time.monotonic() + 10) for _ in range(3)]
+        for f in futs:
+            f.result(timeout=10)
+        futs = [batcher.submit([item], time.monotonic() + 10)]
+        time.sleep(0.1)
+        futs.append(batcher.submit([item], time.monotonic() + 10))
+        for f in futs:
+            f.result(timeout=10)
+        assert batcher.last_batch == 2  # the second request joined the first one's pass inside the window
+    finally:
+        batcher.stop()
 
 
 def test_bearer_token(agent: AnswerAgent) -> None:

@@ -62,7 +62,9 @@ class MicroBatcher:
 
     The first waiting request holds the batch open for at most `window_s` (or until `max_batch` questions);
     requests that arrive while a pass runs are all taken by the next one, so under load batches fill up
-    without waiting. Requests whose deadline passed while queued get the agent's fallback answer.
+    without waiting. The window is skipped when the service is idle (the last pass answered one question and
+    nothing else is queued): a lone request does not wait for company that is not coming. Requests whose
+    deadline passed while queued get the agent's fallback answer.
     """
 
     def __init__(self, agent: AnswerAgent, *, max_batch: int = 32, window_s: float = 0.004, queue_size: int = 256):
@@ -73,6 +75,7 @@ class MicroBatcher:
         self.batches = 0
         self.items = 0
         self.fallbacks = 0
+        self.last_batch = 0  # questions in the last pass
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -96,7 +99,8 @@ class MicroBatcher:
 
     def _gather(self, first: _Entry) -> list[_Entry]:
         batch, n = [first], len(first.items)
-        until = time.monotonic() + self.window_s
+        idle = self.last_batch <= 1 and self.queue.empty()
+        until = time.monotonic() + (0.0 if idle else self.window_s)
         while n < self.max_batch:
             try:
                 e = self.queue.get_nowait()
@@ -140,6 +144,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.items += len(items)
+            self.last_batch = len(items)
             i = 0
             for e in live:
                 _settle(e.future, answers[i : i + len(e.items)])
