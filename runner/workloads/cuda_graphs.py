@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from runner.workloads.scoring import fast_path_parts
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (64, 128, 192, 256, 384, 512)
 MAX_TOKENS = 2048  # rows x tokens; larger batches are compute-bound: a graph gains nothing and its padding costs
@@ -122,8 +124,6 @@ class GraphedDecoder:
 
 def enable_cuda_graphs(model: Any, pad_id: int, log: Any = print) -> bool:
     """Attach recorded scoring forwards to a CUDA model (used by `scoring.letter_logits`); False elsewhere."""
-    from runner.workloads.scoring import fast_path_parts
-
     parts = fast_path_parts(model)
     try:
         device = next(model.parameters()).device

@@ -43,13 +43,16 @@ class Packed:
     ends: torch.Tensor | None = None  # scoring: each sequence's final position, on the device
 
     @classmethod
-    def from_lengths(cls, lengths: Sequence[int], device: torch.device | str, **kw: Any) -> Packed:
+    def from_lengths(cls, lengths: Sequence[int], device: torch.device | str, last_layer: int = -1) -> Packed:
+        """Spans of sequences of these lengths, back to back; with `last_layer` (scoring) also their final
+        positions."""
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + int(n))
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        return cls(spans, cu, max(lengths), bounds[-1], **kw)
+        ends = cu[1:].long() - 1 if last_layer >= 0 else None
+        return cls(spans, cu, max(lengths), bounds[-1], last_layer, ends)
 
 
 _ACTIVE = threading.local()  # the Packed of the forward running on this thread (mask builder, last-MLP hooks)

@@ -48,9 +48,8 @@ def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[int]:
 
 
 def _letter_token_ids(tokenizer: Any) -> list[int]:
-    n = len(LETTERS)
     ids = []
-    for letter in LETTERS[:n]:
+    for letter in LETTERS:
         toks = tokenizer.encode(answer_text(letter), add_special_tokens=False)
         if len(toks) != 1:
             raise ValueError(f"tokenizer splits {answer_text(letter)!r} into {len(toks)} tokens; need exactly one")
@@ -210,11 +209,10 @@ def _packed_letter_logits(
         lens = [len(prompts[i]) for i in row]
         ids = _to(np.concatenate([np.asarray(prompts[i], dtype=np.int64) for i in row])[None], device)
         pos = _to(np.concatenate([np.arange(n, dtype=np.int64) for n in lens])[None], device)
-        ends = _to(np.cumsum(lens) - 1, device)
-        packed = Packed.from_lengths(lens, device, last_layer=n_layers - 1, ends=ends)
+        packed = Packed.from_lengths(lens, device, last_layer=n_layers - 1)
         with packed_forward(packed):
             hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, qa_packed=packed).last_hidden_state
-        results.append(head(hidden[0, ends]).index_select(-1, letters).float())
+        results.append(head(hidden[0, packed.ends]).index_select(-1, letters).float())
     return torch.cat(results)
 
 
