@@ -145,7 +145,7 @@ def packed_sdpa(
     B, H, T, D = query.shape
     last = qa_packed.ends is not None and getattr(module, "layer_idx", None) == qa_packed.last_layer
     q, k, v = _flat(query), _flat(key), _flat(value)  # [N, H, D]
-    if query.is_cuda and varlen_available():
+    if query.is_cuda and varlen_available() and not dropout:  # the varlen kernel has no attention dropout
         if last:
             assert qa_packed.ends is not None
             n = len(qa_packed.spans)
@@ -166,9 +166,9 @@ def packed_sdpa(
         if rep > 1:
             ks, vs = ks.repeat_interleave(rep, dim=1), vs.repeat_interleave(rep, dim=1)
         if last:
-            outs.append(sdpa(qh[:, :, b - 1 : b], ks, vs, scale=scaling))
+            outs.append(sdpa(qh[:, :, b - 1 : b], ks, vs, scale=scaling, dropout_p=dropout))
         else:
-            outs.append(sdpa(qh[:, :, a:b], ks, vs, is_causal=True, scale=scaling))
+            outs.append(sdpa(qh[:, :, a:b], ks, vs, is_causal=True, scale=scaling, dropout_p=dropout))
     o = torch.cat(outs, dim=2)[0].transpose(0, 1)  # [N or n, H, D]
     if last:
         assert qa_packed.ends is not None
