@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import json
 import os
 import queue
@@ -366,7 +367,12 @@ def run(job: Any, run_dir: Path) -> int:
         "url": url, "host": sock.getsockname()[0], "port": sock.getsockname()[1], "pid": os.getpid(),
         "model": desc, "auth": token is not None, "started": time.time(),
     }, indent=2) + "\n")
-    print(f"serving {desc} at {url} (docs: {url}/docs)", flush=True)
+    fast = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
+    stack = f"http: {'httptools' if fast['httptools'] else 'h11'}, loop: {'uvloop' if fast['uvloop'] else 'asyncio'}"
+    print(f"serving {desc} at {url} (docs: {url}/docs; {stack})", flush=True)
+    if not all(fast.values()):
+        print("note: without httptools and uvloop (the workloads extra installs them) the HTTP layer, not the "
+              "model, limits throughput", flush=True)
 
     signals: list[int] = []
 
