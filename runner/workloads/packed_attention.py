@@ -6,10 +6,11 @@ model's config to it. Called without the `qa_packed` keyword it *is* SDPA, so ev
 model (padded batches, masks, generation) computes exactly what it did before. A forward that passes
 `qa_packed=Packed(...)` inside `with packed_forward(packed):` (no attention mask is built for it) gets:
 
-- on a CUDA device with `torch.nn.attention.varlen` (PyTorch >= 2.10): one variable-length flash-attention call
-  per layer over the cumulative sequence lengths — no O(T^2) mask, no compute on pairs that never attend;
-- elsewhere: one causal SDPA call per sequence (exact; on a CPU, where every masked or padded position costs as
-  much as a real one, this is the fast way).
+- on a CUDA device with `torch.nn.attention.varlen` (recent PyTorch; 2.11 has it): one variable-length
+  flash-attention call per layer over the cumulative sequence lengths — no O(T^2) mask, no compute on pairs that
+  never attend;
+- elsewhere, or with attention dropout on: one causal SDPA call per sequence (exact; on a CPU, where every masked
+  or padded position costs as much as a real one, this is the fast way).
 
 For scoring, `Packed.last_layer` names the decoder's last layer and `Packed.ends` each sequence's final
 position: there only those positions are computed (the final query of each sequence over its keys, and the
