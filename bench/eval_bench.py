@@ -33,14 +33,14 @@ def main() -> int:
     from runner.spec.models import DataSource, ModelSpec
     from runner.workloads.data import load_sources, subsample
     from runner.workloads.modeling import load_model_and_tokenizer
-    from runner.workloads.packed_attention import enable_packed_attention
+    from runner.workloads.packed_attention import enable_packed_scoring
     from runner.workloads.prompts import LETTERS
     from runner.workloads.scoring import encode_prompts, score_mcq, score_mcq_per_choice
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(ModelSpec(base="tiny"), "cpu", log=lambda m: print(f"# {m}", flush=True))
-    enable_packed_attention(model)  # as the eval kind does on a CPU: letters scored from packed rows
+    enable_packed_scoring(model, "cpu")  # as the eval kind does on a CPU: letters scored from packed rows
     records = subsample(load_sources([DataSource(path=args.data)]), args.n, 0)
     gold = torch.tensor([LETTERS.index(r.answer) for r in records])
     tokens = sum(len(p) for p in encode_prompts(tok, records))

@@ -22,7 +22,7 @@ from runner.workloads.format_filter import (
     approx_token_count,
     check_question,
 )
-from runner.workloads.packed_attention import enable_packed_attention
+from runner.workloads.packed_attention import enable_packed_scoring
 from runner.workloads.prompts import LETTERS, strip_choice_prefix
 from runner.workloads.scoring import score_mcq
 
@@ -419,8 +419,7 @@ def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any
     """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
     the job-local model (+ adapter). The model is for inference only: it may take the packed scoring path."""
     model, tok, desc = _load_source(source, device, log)
-    if torch.device(device).type == "cpu":
-        enable_packed_attention(model)
+    enable_packed_scoring(model, device)
     return model, tok, desc
 
 

@@ -31,7 +31,7 @@ from runner.workloads.calibration import (
     prediction_shares,
     reliability_bins,
 )
-from runner.workloads.packed_attention import enable_packed_attention
+from runner.workloads.packed_attention import enable_packed_scoring
 from runner.workloads.prompts import LETTERS
 from runner.workloads.scoring import compile_decoder_layers, score_mcq, score_mcq_per_choice
 
@@ -298,8 +298,7 @@ def evaluate(spec: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
     for i, member in enumerate(members):
         t0 = time.perf_counter()
         model, tok, info = load_member(member, device, log=log)
-        if torch.device(device).type == "cpu":
-            enable_packed_attention(model)  # inference only: CPU scoring packs prompts instead of padding them
+        enable_packed_scoring(model, device)
         label = member_label(member, info, i)
         log(f"[{i + 1}/{len(members)}] {label}: loaded in {time.perf_counter() - t0:.1f} s")
         scored = score_member(model, tok, records, spec, log=log)

@@ -233,5 +233,11 @@ def enable_packed_attention(model: Any) -> bool:
     return True
 
 
+def enable_packed_scoring(model: Any, device: torch.device | str) -> bool:
+    """Prepare an inference-only model for packed scoring where scoring packs by default (a CPU: every padded token
+    costs as much as a real one there); elsewhere leave it as it is. True when it took effect."""
+    return torch.device(device).type == "cpu" and enable_packed_attention(model)
+
+
 def packed_ready(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == PACKED_ATTENTION
