@@ -167,6 +167,12 @@ class Registry:
     def manifest(self, name: str, version: int) -> dict[str, Any]:
         return read_manifest(self.version_dir(name, version))
 
+    def open(self, ref: str | Ref) -> tuple[str, int, Path, dict[str, Any]]:
+        """(name, version, its directory, its manifest) for a reference; RegistryError when it does not resolve."""
+        name, version = self.resolve(ref)
+        vdir = self.version_dir(name, version)
+        return name, version, vdir, read_manifest(vdir)
+
     def resolve(self, ref: str | Ref) -> tuple[str, int]:
         r = parse_ref(ref) if isinstance(ref, str) else ref
         versions = self.versions(r.name)
@@ -1090,9 +1096,7 @@ def ls_main(name: str | None = None) -> int:
 def show_main(ref: str) -> int:
     reg = Registry()
     try:
-        name, v = reg.resolve(ref)
-        vdir = reg.version_dir(name, v)
-        m = read_manifest(vdir)
+        name, v, vdir, m = reg.open(ref)
     except RegistryError as e:
         _err(f"error: {e}")
         return e.code
@@ -1148,9 +1152,7 @@ def show_main(ref: str) -> int:
 def verify_main(ref: str) -> int:
     reg = Registry()
     try:
-        name, v = reg.resolve(ref)
-        vdir = reg.version_dir(name, v)
-        m = read_manifest(vdir)
+        name, v, vdir, m = reg.open(ref)
         problems = verify_dir(vdir, m)
     except RegistryError as e:
         _err(f"error: {e}")
