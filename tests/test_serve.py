@@ -23,7 +23,8 @@ import uvicorn
 
 from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
 from runner.workloads.format_filter import check_answer, check_question, token_counter
-from runner.workloads.serve import MicroBatcher, bind, create_app, url_of
+from runner.workloads.prompts import format_prompt
+from runner.workloads.serve import MicroBatcher, bind, create_app, prompt_token_limit, url_of
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,48 @@ def test_a_lone_request_skips_the_batch_window_but_a_busy_service_batches(agent:
         batcher.stop()
 
 
+def test_overlong_prompts_get_422_and_huge_bodies_413_without_reaching_the_model(agent: AnswerAgent) -> None:
+    batcher = MicroBatcher(agent).start()
+    app = create_app(agent, batcher, max_prompt_tokens=256, max_body_bytes=64 << 10)
+    short = {"question": "Which?", "choices": ["a", "b"]}
+    n_short = len(agent.tokenizer(format_prompt("Which?", ["a", "b"]))["input_ids"])
+    try:
+        with LiveServer(app) as srv:
+            # Decided by the tokenizer (a few hundred words: bytes alone cannot tell) ...
+            long_q = {"question": "why " * 300, "choices": ["a", "b"]}
+            r = httpx.post(f"{srv.url}/v1/answer", json=long_q, timeout=30)
+            assert r.status_code == 422, r.text
+            assert "tokens; this service takes at most 256 (server.max_prompt_tokens)" in r.json()["detail"]
+            # ... or by bytes alone, and in a list the item is named.
+            r = httpx.post(f"{srv.url}/v1/answer", json=[short, {"question": "x" * 20000, "choices": ["a", "b"]}])
+            assert r.status_code == 422 and r.json()["detail"].startswith("item 1: question and choices are 2")
+            # A prompt at the limit is answered; one token past it is not.
+            fill = "why " * 64
+            n = len(agent.tokenizer(format_prompt(fill, ["a", "b"]))["input_ids"])
+            assert n > n_short
+            assert httpx.post(f"{srv.url}/v1/answer", json={"question": fill, "choices": ["a", "b"]}).status_code == 200
+            # Bodies: declared too large, and streamed (chunked, no length) too large.
+            big = json.dumps([short] * 4000).encode()
+            assert len(big) > 64 << 10
+            r = httpx.post(f"{srv.url}/v1/answer", content=big, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "server.max_body_mb" in r.json()["detail"]
+            r = httpx.post(f"{srv.url}/v1/answer", content=iter([big[i : i + 8192] for i in range(0, len(big), 8192)]),
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            assert httpx.post(f"{srv.url}/v1/answer", json=short).status_code == 200  # and the service is fine
+        assert batcher.items == 2  # the refused requests never reached the model
+    finally:
+        batcher.stop()
+
+
+def test_prompt_limit_never_passes_the_models_positions(agent: AnswerAgent) -> None:
+    said: list[str] = []
+    positions = agent.members[0][0].config.max_position_embeddings
+    assert prompt_token_limit(agent, positions + 1000, said.append) == positions
+    assert f"prompts are limited to {positions} tokens" in said[0]
+    assert prompt_token_limit(agent, 64, said.append) == 64 and len(said) == 1
+
+
 def test_bearer_token(agent: AnswerAgent) -> None:
     batcher = MicroBatcher(agent).start()
     with LiveServer(create_app(agent, batcher, token="s3cret")) as srv:
@@ -222,7 +265,8 @@ def test_serve_job_answers_curl_and_writes_serve_json(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     job = (ROOT / "jobs" / "serve.yaml").read_text()
-    (run_dir / "job.yaml").write_text(job)
+    assert "max_prompt_tokens: 2048" in job
+    (run_dir / "job.yaml").write_text(job.replace("max_prompt_tokens: 2048", "max_prompt_tokens: 512"))
     env = dict(os.environ, RUNNER_RUN_DIR=str(run_dir), QA_TOKEN="tok123")
     proc = subprocess.Popen([sys.executable, "-m", "runner.workloads"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -246,6 +290,10 @@ def test_serve_job_answers_curl_and_writes_serve_json(tmp_path: Path) -> None:
         )
         ans = json.loads(out.stdout)
         assert ans["answer"] in "ABCD" and check_answer(ans) == []
+        # The job's size limit reaches the service.
+        long_q = {"question": "why " * 600, "choices": ["a", "b"]}
+        r = httpx.post(f"{info['url']}/v1/answer", json=long_q, headers={"Authorization": "Bearer tok123"}, timeout=30)
+        assert r.status_code == 422 and "at most 512 (server.max_prompt_tokens)" in r.json()["detail"]
         proc.terminate()
         assert proc.wait(timeout=30) == 130  # cancelled by SIGTERM
         log = proc.stdout.read() if proc.stdout else ""

@@ -93,6 +93,10 @@ class ServerSpec(Section):
         4.0, ge=0, description="How long the first queued request waits for others to share its forward pass."
     )
     queue_size: int = Field(256, ge=1, description="Requests waiting at most; beyond it the service answers 503.")
+    max_prompt_tokens: int = Field(
+        2048, ge=64, description="Longest question + choices prompt answered (tokens); longer ones get 422."
+    )
+    max_body_mb: float = Field(4.0, gt=0, description="Largest request body (MiB); larger ones get 413.")
     max_seconds: float | None = Field(None, gt=0, description="Stop serving after this long (tests, demos).")
 
 

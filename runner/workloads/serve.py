@@ -3,6 +3,7 @@ micro-batched into one forward pass, a bounded queue (503 + Retry-After when ful
 that return the agent's fallback answer instead of hanging.
 
     POST /v1/answer    {"question", "choices"} or a list of them -> {"answer", "reasoning", "confidence"} (or a list)
+                       (422 when a prompt is longer than max_prompt_tokens; 413 when the body is over max_body_bytes)
     POST /v1/question  {"topic"?, "n"?} -> {"questions": [...]} in the tournament's format
     GET  /healthz      liveness, model, queue depth and batching counters
     GET  /docs         OpenAPI docs
@@ -30,9 +31,13 @@ from pydantic import BaseModel, Field, field_validator
 
 from runner.runs import atomic_write
 from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
-from runner.workloads.prompts import LETTERS, strip_choice_prefix
+from runner.workloads.prompts import LETTERS, format_prompt, strip_choice_prefix
 
 DEADLINE_GRACE_S = 0.25  # a forward pass already running when the deadline passes may finish this much later
+# Prompt length is checked without the tokenizer where bytes decide it: every token of a byte-level (or
+# byte-fallback) vocabulary spans at least one byte, plus a few special tokens; and none spans this many bytes.
+SPECIAL_TOKENS_SLACK = 8
+MAX_BYTES_PER_TOKEN = 32
 
 
 class QueueFull(Exception):
@@ -155,6 +160,71 @@ class MicroBatcher:
 # --- HTTP ----------------------------------------------------------------------------------------------
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before it is read into memory (declared by
+    Content-Length, or counted as a chunked body arrives)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes (server.max_body_mb)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+        over = False
+
+        class TooLarge(Exception):
+            pass
+
+        async def counted_receive() -> Any:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise TooLarge
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            if not over:  # once over the limit, whatever the app makes of the aborted read is replaced by 413
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except TooLarge:
+            pass
+        if over:
+            await self._reject(send)
+
+
+def prompt_length_problem(tokenizer: Any, item: AnswerItem, limit: int) -> str | None:
+    """Why an item's prompt is over `limit` tokens, or None. Tokenizes only when the byte count cannot decide."""
+    from runner.workloads.scoring import encode_prompts
+
+    size = len(format_prompt(item.question, item.choices).encode())
+    if size + SPECIAL_TOKENS_SLACK <= limit:
+        return None
+    if size > limit * MAX_BYTES_PER_TOKEN:
+        return f"question and choices are {size} bytes, far over this service's {limit}-token limit"
+    n = len(encode_prompts(tokenizer, [item])[0])
+    if n > limit:
+        return f"question and choices are {n} tokens; this service takes at most {limit}"
+    return None
+
+
 class AnswerRequest(BaseModel):
     question: str = Field(min_length=1, description="The question text.")
     choices: list[str] = Field(
@@ -208,12 +278,15 @@ def create_app(
     *,
     token: str | None = None,
     model_name: str = "",
+    max_prompt_tokens: int = 2048,
+    max_body_bytes: int = 4 << 20,
 ) -> FastAPI:
     app = FastAPI(
         title="qa-runner agents",
         description="Answer agent and question agent in the tournament's formats.",
         version="1",
     )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     q_lock = threading.Lock()
 
     async def auth(request: Request) -> None:
@@ -239,6 +312,17 @@ def create_app(
     ) -> AnswerResponse | list[AnswerResponse]:
         reqs = body if isinstance(body, list) else [body]
         items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
+        # A prompt far past what the model was served for would hold the worker (and everyone queued behind it)
+        # for as long as its forward pass takes: refuse it up front. Short prompts are decided by their bytes.
+        if any(len(format_prompt(it.question, it.choices).encode()) + SPECIAL_TOKENS_SLACK > max_prompt_tokens
+               for it in items):
+            problems = await run_in_threadpool(
+                lambda: [prompt_length_problem(answer_agent.tokenizer, it, max_prompt_tokens) for it in items]
+            )
+            for i, why in enumerate(problems):
+                if why is not None:
+                    where = f"item {i}: " if isinstance(body, list) else ""
+                    raise HTTPException(422, f"{where}{why} (server.max_prompt_tokens); shorten it")
         limit = min((r.deadline_s or answer_agent.deadline_s) for r in reqs)
         deadline = time.monotonic() + limit
         try:
@@ -289,6 +373,17 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def prompt_token_limit(agent: AnswerAgent, configured: int, log: Any = print) -> int:
+    """`server.max_prompt_tokens`, but never past the positions every model of the agent was built for."""
+    positions = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m, _ in agent.members]
+    known = [p for p in positions if isinstance(p, int) and p > 0]
+    if known and min(known) < configured:
+        log(f"note: prompts are limited to {min(known)} tokens, the model's max_position_embeddings "
+            f"(server.max_prompt_tokens is {configured})")
+        return min(known)
+    return configured
 
 
 def build_agents(spec: Any, log: Any = print) -> tuple[AnswerAgent, QuestionAgent, str]:
@@ -356,7 +451,9 @@ def run(job: Any, run_dir: Path) -> int:
     batcher = MicroBatcher(agent, max_batch=srv.max_batch, window_s=srv.batch_window_ms / 1000,
                            queue_size=srv.queue_size).start()
     token = resolve_token(srv.token)
-    app = create_app(agent, batcher, qagent, token=token, model_name=desc)
+    app = create_app(agent, batcher, qagent, token=token, model_name=desc,
+                     max_prompt_tokens=prompt_token_limit(agent, srv.max_prompt_tokens),
+                     max_body_bytes=int(srv.max_body_mb * (1 << 20)))
     try:
         sock = bind(srv.host, srv.port)
     except OSError as e:
