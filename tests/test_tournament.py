@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from runner.workloads.agents import AnswerAgent
+from runner.workloads.format_filter import public_view
 from runner.workloads.serve import MicroBatcher, create_app
 from runner.workloads.tournament import (
     HttpAnswerPlayer,
@@ -108,6 +109,29 @@ def test_a_served_answer_agent_plays_over_http() -> None:
     inn = {i["answer_team"]: i for i in res["innings"]}
     got = {t: [r["answer"]["answer"] for r in inn[t]["questions"]] for t in inn}
     assert got["served"] == got["local"] and res["teams"]["served"]["faced"] == 3
+
+
+def test_a_served_answer_agent_gets_each_questions_time_and_any_number_of_questions() -> None:
+    from test_serve import LiveServer
+
+    agent = AnswerAgent([(tiny.model(), tiny.tokenizer())])
+    batcher = MicroBatcher(agent).start()
+    seen: list[list[float]] = []
+    questions = [public_view(q("t1", "ABCD"[i % 4])) for i in range(300)]  # past a request's 256-item limit
+    with LiveServer(create_app(agent, batcher)) as srv:
+        player = HttpAnswerPlayer(srv.url)
+        post = player.client.post
+
+        def spy(url: str, json: Any = None, **kw: Any) -> Any:
+            seen.append([item["deadline_s"] for item in json])
+            return post(url, json=json, **kw)
+
+        player.client.post = spy  # type: ignore[method-assign]
+        answers = player.answer(questions, per_item_s=2.0)
+    batcher.stop()
+    assert len(answers) == 300 and all(a["answer"] in "ABCD" for a in answers)
+    assert [len(d) for d in seen] == [32] * 9 + [12]
+    assert seen[0][0] == 64.0 and seen[-1][0] == 24.0  # n questions, n times a question's time
 
 
 @pytest.mark.slow

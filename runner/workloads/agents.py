@@ -29,6 +29,9 @@ from runner.workloads.scoring import score_mcq
 SOURCES = ("bank", "procedural", "model")
 
 
+MAX_DEADLINE_S = 120.0  # the longest deadline one answer request may ask for
+
+
 @dataclass
 class AnswerItem:
     """One question to answer: plain choice texts (any 'A) ' prefixes removed)."""

@@ -30,7 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
 
 from runner.runs import atomic_write
-from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
+from runner.workloads.agents import MAX_DEADLINE_S, AnswerAgent, AnswerItem, QuestionAgent
 from runner.workloads.prompts import LETTERS, format_prompt, strip_choice_prefix
 
 DEADLINE_GRACE_S = 0.25  # a forward pass already running when the deadline passes may finish this much later
@@ -230,7 +230,7 @@ class AnswerRequest(BaseModel):
     choices: list[str] = Field(
         min_length=2, max_length=len(LETTERS), description="2-10 choices, with or without 'A) ' prefixes."
     )
-    deadline_s: float | None = Field(None, gt=0, le=120, description="Answer within this many seconds.")
+    deadline_s: float | None = Field(None, gt=0, le=MAX_DEADLINE_S, description="Answer within this many seconds.")
 
     @field_validator("question")
     @classmethod
