@@ -241,6 +241,47 @@ def test_overlong_prompts_get_422_and_huge_bodies_413_without_reaching_the_model
         batcher.stop()
 
 
+def _prometheus(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}; every sample line must parse."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
+
+
+def test_metrics_count_requests_latency_and_batches(agent: AnswerAgent) -> None:
+    batcher = MicroBatcher(agent).start()
+    try:
+        with LiveServer(create_app(agent, batcher, model_name='tiny "test"', max_body_bytes=4096)) as srv:
+            q = {"question": "Which?", "choices": ["a", "b", "c"]}
+            for _ in range(3):
+                assert httpx.post(f"{srv.url}/v1/answer", json=q).status_code == 200
+            assert httpx.post(f"{srv.url}/v1/answer", json=[q, q]).status_code == 200
+            assert httpx.post(f"{srv.url}/v1/answer", json={"question": "Which?"}).status_code == 422
+            assert httpx.post(f"{srv.url}/v1/answer", json=[q] * 200).status_code == 413
+            assert httpx.get(f"{srv.url}/nowhere").status_code == 404
+            r = httpx.get(f"{srv.url}/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        m = _prometheus(r.text)
+    finally:
+        batcher.stop()
+    assert m['qa_info{model="tiny \\"test\\""}'] == 1
+    assert m['qa_http_requests_total{path="/v1/answer",code="200"}'] == 4
+    assert m['qa_http_requests_total{path="/v1/answer",code="422"}'] == 1
+    assert m['qa_http_requests_total{path="/v1/answer",code="413"}'] == 1
+    assert m['qa_http_requests_total{path="other",code="404"}'] == 1
+    assert m['qa_http_request_seconds_count{path="/v1/answer"}'] == 6
+    assert m['qa_http_request_seconds_bucket{path="/v1/answer",le="+Inf"}'] == 6
+    assert m['qa_http_request_seconds_sum{path="/v1/answer"}'] > 0
+    assert m["qa_answered_total"] == 5 and m["qa_batch_questions_sum"] == 5
+    assert m["qa_batch_questions_count"] == m["qa_batches_total"] >= 2
+    assert m['qa_batch_questions_bucket{le="1"}'] <= m['qa_batch_questions_bucket{le="2"}'] == m["qa_batches_total"]
+    assert m["qa_queue_requests"] == 0 and m["qa_fallbacks_total"] == 0
+
+
 def test_prompt_limit_never_passes_the_models_positions(agent: AnswerAgent) -> None:
     said: list[str] = []
     positions = agent.members[0][0].config.max_position_embeddings
