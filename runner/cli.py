@@ -341,7 +341,8 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
 
 @app.command()
 def show(ref: str = typer.Argument(..., help="Run id, job/id, or job name (its latest run).")) -> None:
-    """Summary of a run: status, spec, metrics, checkpoints, evaluation; writes loss.png and accuracy.png."""
+    """Summary of a run: status, metrics, checkpoints, evaluation, a service's URL, a tournament's ranking; writes
+    loss.png and accuracy.png."""
     r = _get(ref)
     state = reconcile(r)
     st = r.status()
@@ -372,10 +373,54 @@ def show(ref: str = typer.Argument(..., help="Run id, job/id, or job name (its l
             print(f"eval       accuracy {e.get('accuracy')} on n={e.get('n')}")
         except json.JSONDecodeError:
             print("eval       eval.json is unreadable")
+    for line in _served(r, state) + _tournament(r):
+        print(line)
     if ms:
         written = _plots(r, ms)
         if written:
             print("plots      " + ", ".join(str(w) for w in written))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _served(r: Run, state: str) -> list[str]:
+    """Where a serve run answers (or answered): the URL its serve.json names."""
+    info = _read_json(r.dir / "serve.json")
+    if not isinstance(info, dict) or not info.get("url"):
+        return []
+    url = info["url"]
+    if not state.startswith("running"):
+        return [f"served     {url} (stopped)"]
+    auth = "; needs its bearer token" if info.get("auth") else ""
+    return [f"serving    {url}  (POST /v1/answer, /v1/question; docs {url}/docs; metrics {url}/metrics{auth})"]
+
+
+def _tournament(r: Run) -> list[str]:
+    """A tournament run's ranking, from tournament.json."""
+    board = _read_json(r.dir / "tournament.json")
+    if not isinstance(board, dict) or not isinstance(board.get("teams"), dict):
+        return []
+    teams = board["teams"]
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}%"
+
+    out = [f"winner     {board.get('winner') or 'none (every team is out)'}"]
+    for name in board.get("ranking", list(teams)):
+        b = teams.get(name, {})
+        out.append(
+            f"  {b.get('rank', '?')}. {name}: score {b.get('score', 0):.1f} (answers {pct(b.get('answer_score'))}, "
+            f"questions {pct(b.get('question_score'))}, valid {b.get('valid_fraction', 0):.0%})"
+            + ("  OUT: under the valid-question minimum" if b.get("disqualified") else "")
+        )
+    if (r.dir / "report.md").exists():
+        out.append(f"report     {r.dir / 'report.md'}")
+    return out
 
 
 def _plots(r: Run, ms: list[dict[str, Any]]) -> list[Path]:

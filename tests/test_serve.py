@@ -342,3 +342,24 @@ def test_serve_job_answers_curl_and_writes_serve_json(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_runner_show_names_a_detached_services_url() -> None:
+    from runner.runs import RunStore
+    from tests.conftest import run_cli
+
+    job = ROOT / "jobs" / "serve.yaml"
+    run_cli("run", str(job), "--detach", check=True, env={"QA_TOKEN": "t0k"})
+    run = RunStore().get("serve")
+    try:
+        for _ in range(240):
+            if (run.dir / "serve.json").exists() or run.state not in ("pending", "running"):
+                break
+            time.sleep(0.5)
+        url = json.loads((run.dir / "serve.json").read_text())["url"]
+        show = run_cli("show", "serve", check=True).stdout
+        assert f"serving    {url}  (POST /v1/answer" in show and "needs its bearer token" in show, show
+    finally:
+        run_cli("cancel", "serve", check=True)
+    assert f"served     {url} (stopped)" in run_cli("show", "serve", check=True).stdout

@@ -82,6 +82,21 @@ def test_scores_match_a_hand_computed_example() -> None:
     assert sum(b["invalid_reasons"].values()) == 3
     md = report_md(res, "example")
     assert "Winner: **red**" in md and "| 1 | red | 83.3 |" in md and "out (< 50% valid)" in md
+    # `runner show` of a tournament run reads the same scoreboard.
+    from runner.runs import RunStore
+    from runner.spec import load_job
+    from tests.conftest import run_cli
+
+    run = RunStore().create(load_job(ROOT / "jobs" / "tournament-local.yaml"))
+    (run.dir / "tournament.json").write_text(json.dumps(res))
+    (run.dir / "report.md").write_text(md)
+    run.set_state("running")
+    run.set_state("succeeded", exit_code=0)
+    show = run_cli("show", run.ref, check=True).stdout
+    assert "winner     red" in show, show
+    assert "  1. red: score 83.3 (answers 100.0%, questions 66.7%, valid 75%)" in show
+    assert "  2. blue: score 16.7 (answers 33.3%, questions 0.0%, valid 25%)  OUT" in show
+    assert f"report     {run.dir / 'report.md'}" in show
 
 
 def test_a_question_over_the_time_limit_is_invalid() -> None:
