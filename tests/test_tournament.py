@@ -15,7 +15,7 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
-from runner.workloads.agents import AnswerAgent
+from runner.workloads.agents import AnswerAgent, parse_answer_request
 from runner.workloads.format_filter import public_view
 from runner.workloads.serve import MicroBatcher, create_app
 from runner.workloads.tournament import (
@@ -99,6 +99,68 @@ def test_scores_match_a_hand_computed_example() -> None:
     assert f"report     {run.dir / 'report.md'}" in show
 
 
+class ScriptedJudge:
+    """Disputes the keys of the questions whose text it is given."""
+
+    def __init__(self, disputed: set[str]):
+        self.disputed = disputed
+        self.seen = 0
+
+    def check(self, questions: list[dict[str, Any]]) -> list[str | None]:
+        self.seen += len(questions)
+        return ["answers B (90%), not the key A (5%)" if x["question"] in self.disputed else None for x in questions]
+
+
+def test_a_key_the_judge_disputes_makes_the_question_invalid() -> None:
+    red = Scripted([q("t1", "A", question="Q1"), q("t1", "B", question="Q2"), q("t1", "C", question="Q3"),
+                    q("t1", "D", question="Q4", n_choices=3)], answer_fn=lambda x: "A")
+    blue = Scripted([q("t1", "A", question="Q5"), q("t1", "B", question="Q6")] * 2, answer_fn=lambda x: "A")
+    judge = ScriptedJudge({"Q2", "Q3", "Q6"})
+    rules = RulesConfig(questions_per_innings=4, topics=["t1"], judge=judge)
+    res = play([TeamPlayers("red", red, red), TeamPlayers("blue", blue, blue)], rules, log=lambda m: None)
+    r, b = res["teams"]["red"], res["teams"]["blue"]
+    # The judge sees only questions that passed the format filter: red's 3 and blue's 4.
+    assert judge.seen == 7
+    # red: Q4 fails the format, Q2 and Q3 the judge -> 1 of 4 valid: out. blue: both Q6 -> 2 of 4 valid, not out.
+    assert (r["valid"], r["written"], r["disqualified"]) == (1, 4, True)
+    assert (b["valid"], b["written"], b["disqualified"]) == (2, 4, False)
+    assert r["invalid_reasons"]["the judge disputes the key"] == 2
+    # Disputed questions never reach the opponent: blue faces only Q1 (key A, answered A).
+    assert (b["faced"], b["correct"]) == (1, 1)
+    rec = next(x for i in res["innings"] if i["question_team"] == "red" for x in i["questions"]
+               if x["question"]["question"] == "Q2")
+    assert rec["valid"] is False and rec["judge"] == "answers B (90%), not the key A (5%)" and rec["correct"] is None
+    assert res["winner"] == "blue"
+
+
+def test_the_model_judge_disputes_only_keys_it_answers_otherwise() -> None:
+    from runner.workloads.tournament import KeyJudge
+
+    agent = AnswerAgent([(tiny.model(), tiny.tokenizer())])
+    questions = [q("t1", "A", question=f"Which of these is number {i}?") for i in range(8)]
+    probs, _ = agent.probabilities([parse_answer_request(public_view(x)) for x in questions])
+    tops = [int(row[:4].argmax()) for row in probs]
+    for i, x in enumerate(questions):  # the first half keyed as the judge answers, the rest one letter off
+        x["answer"] = "ABCD"[tops[i] if i < 4 else (tops[i] + 1) % 4]
+    verdicts = KeyJudge(agent, min_confidence=0.0).check(questions)
+    assert verdicts[:4] == [None] * 4
+    for i, v in enumerate(verdicts[4:], start=4):
+        assert v is not None and v.startswith(f"answers {'ABCD'[tops[i]]} (") and f"not the key {questions[i]['answer']}" in v
+    assert KeyJudge(agent, min_confidence=1.0).check(questions) == [None] * 8  # never that sure: keys stand
+
+
+def test_a_judge_is_declared_in_the_rules() -> None:
+    from runner.spec import job_from_data
+
+    base = {"kind": "tournament", "name": "judged", "teams": [
+        {"name": "a", "answer": {"model": {"base": "tiny"}}}, {"name": "b", "answer": {"model": {"base": "tiny"}}}]}
+    job = job_from_data({**base, "rules": {"judge": {"model": {"base": "tiny"}, "min_confidence": 0.7}}})
+    assert job.spec.rules.judge.min_confidence == 0.7 and job.spec.rules.judge.permutations == 1
+    with pytest.raises(Exception) as e:
+        job_from_data({**base, "rules": {"judge": {"min_confidence": 0.7}}})
+    assert "a judge needs `model` or `registry`" in str(e.value)
+
+
 def test_a_question_over_the_time_limit_is_invalid() -> None:
     slow = Scripted([q("t1", "A"), q("t1", "B")], answer_fn=lambda x: "A", delay_s=0.3)
     fast = Scripted([q("t1", "A"), q("t1", "B")], answer_fn=lambda x: "A")
@@ -173,3 +235,28 @@ def test_tournament_local_job_runs_on_cpu_and_writes_the_scoreboard(tmp_path: Pa
         assert b["valid_fraction"] >= 0.5  # both agents keep to the format
     assert (run_dir / "report.md").read_text().startswith("# Tournament")
     assert took < 300, took
+
+
+@pytest.mark.slow
+def test_a_judged_tournament_job_runs_and_names_its_judge(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.yaml").write_text(
+        "kind: tournament\nname: judged\ndevice: cpu\n"
+        "rules: {questions_per_innings: 4, topics: [blood_relations, syllogisms],\n"
+        "        judge: {model: {base: tiny}, min_confidence: 0.0, permutations: 0}}\n"
+        "teams:\n"
+        "  - {name: one, answer: {model: {base: tiny}}, question: {sources: {procedural: 1.0}}}\n"
+        "  - {name: two, answer: {model: {base: tiny}}, question: {sources: {procedural: 1.0}}}\n"
+    )
+    p = subprocess.run([sys.executable, "-m", "runner.workloads"], env=dict(os.environ, RUNNER_RUN_DIR=str(run_dir)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "judge: " in p.stdout and "overrules a key at >= 0%" in p.stdout
+    board = json.loads((run_dir / "tournament.json").read_text())
+    assert board["models"]["judge"]
+    records = [r for i in board["innings"] for r in i["questions"]]
+    assert len(records) == 8
+    # At confidence 0 the judge disputes every key it does not answer itself; each verdict says so.
+    for r in records:
+        assert r["valid"] or r["reason"] == "the judge disputes the key" and r["judge"].startswith("answers ")

@@ -53,6 +53,24 @@ class Team(Section):
         return self
 
 
+class Judge(AgentSource):
+    """A model that checks each valid question's key, as the competition's closed judge does."""
+
+    min_confidence: float = Field(
+        0.5, ge=0, le=1,
+        description="The judge overrules a key only when its own, different answer has at least this probability.",
+    )
+    permutations: int = Field(
+        1, ge=0, le=9, description="Extra passes over cyclic shifts of the choices, averaged (letter debiasing)."
+    )
+
+    @model_validator(mode="after")
+    def _has_model(self) -> Judge:
+        if not self.has_model():
+            raise ValueError("a judge needs `model` or `registry`")
+        return self
+
+
 class Rules(Section):
     rounds: int = Field(1, ge=1, description="Times every pair of teams meets (each meeting: two innings).")
     questions_per_innings: int = Field(20, ge=1, description="Questions the Q-agent writes per innings.")
@@ -69,6 +87,10 @@ class Rules(Section):
     )
     tokenizer: ModelSpec | None = Field(
         None, description="Tokenizer that counts tokens; default: the first team's local model's tokenizer."
+    )
+    judge: Judge | None = Field(
+        None, description="A model that invalidates questions whose key it confidently disputes (a wrong key "
+        "makes a question invalid); without one, keys are taken as written.",
     )
     seed: int = Field(0, description="Seed for the order of play.")
 

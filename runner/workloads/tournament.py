@@ -28,6 +28,7 @@ from runner.workloads.format_filter import (
     check_question,
     public_view,
 )
+from runner.workloads.prompts import LETTERS
 
 
 class AnswerPlayer(Protocol):
@@ -98,6 +99,37 @@ class HttpQuestionPlayer:
         return r.json()["questions"][0]
 
 
+class Judge(Protocol):
+    def check(self, questions: list[dict[str, Any]]) -> list[str | None]:
+        """Per question: None when its key stands, else why the judge disputes it."""
+        ...
+
+
+JUDGE_DISPUTES = "the judge disputes the key"
+
+
+class KeyJudge:
+    """Answers each question itself; a key it disputes with at least `min_confidence` makes the question invalid."""
+
+    def __init__(self, agent: AnswerAgent, min_confidence: float = 0.5):
+        self.agent = agent
+        self.min_confidence = min_confidence
+
+    def check(self, questions: list[dict[str, Any]]) -> list[str | None]:
+        items = [parse_answer_request(public_view(q)) for q in questions]
+        probs, _ = self.agent.probabilities(items)  # no deadline: the judge's time is not a team's
+        out: list[str | None] = []
+        for q, it, row in zip(questions, items, probs.tolist(), strict=True):
+            p = row[: len(it.choices)]
+            best = max(range(len(p)), key=lambda j: (p[j], -j))
+            key = LETTERS.index(q["answer"])
+            if best != key and p[best] >= self.min_confidence:
+                out.append(f"answers {LETTERS[best]} ({p[best]:.0%}), not the key {q['answer']} ({p[key]:.0%})")
+            else:
+                out.append(None)
+        return out
+
+
 @dataclass
 class TeamPlayers:
     name: str
@@ -115,6 +147,7 @@ class RulesConfig:
     min_valid_fraction: float = 0.5
     limits: FormatLimits = field(default_factory=FormatLimits)
     seed: int = 0
+    judge: Judge | None = None
 
 
 # --- play ------------------------------------------------------------------------------------------------
@@ -139,6 +172,16 @@ def play_innings(
             reasons = [f"written in {took:.1f} s; the limit is {rules.question_time_s:g} s"]
         records.append({"topic": topic, "valid": not reasons, "reason": reasons[0] if reasons else None,
                         "question": q, "write_s": round(took, 3), "correct": None})
+    if rules.judge is not None:
+        checked = [r for r in records if r["valid"]]
+        try:
+            verdicts = rules.judge.check([r["question"] for r in checked]) if checked else []
+        except Exception as e:  # the judge's failure is not the writing team's: keys stand as written
+            log(f"  the judge failed, keys taken as written: {type(e).__name__}: {str(e)[:200]}")
+            verdicts = [None] * len(checked)
+        for r, why in zip(checked, verdicts, strict=True):
+            if why is not None:
+                r["valid"], r["reason"], r["judge"] = False, JUDGE_DISPUTES, why
     valid = [r for r in records if r["valid"]]
     if valid:
         t0 = time.monotonic()
@@ -286,8 +329,10 @@ def _source_key(src: Any) -> str:
     return json.dumps({k: src.model_dump(mode="json").get(k) for k in ("model", "adapter", "registry")}, sort_keys=True)
 
 
-def build_teams(spec: Any, log: Any = print) -> tuple[list[TeamPlayers], TokenCounter, dict[str, str]]:
-    """Players for every team (models shared between teams that name the same one) and the judge's counter."""
+def build_teams(
+    spec: Any, log: Any = print
+) -> tuple[list[TeamPlayers], TokenCounter, dict[str, str], KeyJudge | None]:
+    """Players for every team and the judge (a model named more than once is loaded once), the token counter."""
     from runner.workloads.agents import load_source, pick_device
     from runner.workloads.format_filter import token_counter
     from runner.workloads.serve import question_agent_from_spec, resolve_token
@@ -300,6 +345,12 @@ def build_teams(spec: Any, log: Any = print) -> tuple[list[TeamPlayers], TokenCo
         if key not in loaded:
             loaded[key] = load_source(src, device, log)
         return loaded[key]
+
+    judge = None
+    if spec.rules.judge is not None:
+        j = spec.rules.judge
+        m, tok, desc = load(j)
+        judge = KeyJudge(AnswerAgent([(m, tok)], permutations=j.permutations), j.min_confidence)
 
     counter: TokenCounter | None = None
     if spec.rules.tokenizer is not None:
@@ -345,7 +396,9 @@ def build_teams(spec: Any, log: Any = print) -> tuple[list[TeamPlayers], TokenCo
             agent.time_limit_s = min(q.time_limit_s, spec.rules.question_time_s)
             qplayer = LocalQuestionPlayer(agent)
         teams.append(TeamPlayers(team.name, aplayer, qplayer))
-    return teams, count, models
+    if judge is not None:
+        models["judge"] = load(spec.rules.judge)[2]
+    return teams, count, models, judge
 
 
 def run(job: Any, run_dir: Path) -> int:
@@ -353,7 +406,7 @@ def run(job: Any, run_dir: Path) -> int:
     r = spec.rules
     t0 = time.monotonic()
     try:
-        teams, count, models = build_teams(spec)
+        teams, count, models, judge = build_teams(spec)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", flush=True)
         return 1
@@ -362,8 +415,10 @@ def run(job: Any, run_dir: Path) -> int:
         question_time_s=r.question_time_s, answer_time_s=r.answer_time_s, min_valid_fraction=r.min_valid_fraction,
         limits=FormatLimits(question_tokens=r.question_tokens, explanation_tokens=r.explanation_tokens,
                             answer_tokens=r.answer_tokens),
-        seed=r.seed,
+        seed=r.seed, judge=judge,
     )
+    if judge is not None:
+        print(f"judge: {models['judge']} (overrules a key at >= {judge.min_confidence:.0%})", flush=True)
     print(f"{len(teams)} teams, {r.rounds} round(s), {r.questions_per_innings} questions per innings, "
           f"topics: {', '.join(r.topics)}", flush=True)
     result = play(teams, rules, count, log=lambda m: print(m, flush=True))
