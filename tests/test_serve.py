@@ -290,6 +290,23 @@ def test_prompt_limit_never_passes_the_models_positions(agent: AnswerAgent) -> N
     assert prompt_token_limit(agent, 64, said.append) == 64 and len(said) == 1
 
 
+def test_stop_says_whether_a_running_pass_finished() -> None:
+    started = threading.Event()
+
+    class Slow:
+        def answer_many(self, items: list[AnswerItem], deadline: float) -> list[dict[str, Any]]:
+            started.set()
+            time.sleep(1.5)
+            return [{"answer": "A", "reasoning": "", "confidence": 1.0} for _ in items]
+
+    batcher = MicroBatcher(Slow()).start()  # type: ignore[arg-type]
+    batcher.submit([AnswerItem("Which?", ["a", "b"])], time.monotonic() + 10)
+    assert started.wait(5)
+    assert batcher.stop(timeout=0.2) is False  # the pass is still running: the service exits without it
+    assert batcher.stop(timeout=5) is True
+    assert MicroBatcher(Slow()).start().stop() is True  # type: ignore[arg-type]
+
+
 def test_bearer_token(agent: AnswerAgent) -> None:
     batcher = MicroBatcher(agent).start()
     with LiveServer(create_app(agent, batcher, token="s3cret")) as srv:

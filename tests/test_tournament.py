@@ -255,6 +255,7 @@ def test_a_judged_tournament_job_runs_and_names_its_judge(tmp_path: Path) -> Non
     assert "judge: " in p.stdout and "overrules a key at >= 0%" in p.stdout
     board = json.loads((run_dir / "tournament.json").read_text())
     assert board["models"]["judge"]
+    assert f"Keys checked by a judge model ({board['models']['judge']})" in (run_dir / "report.md").read_text()
     records = [r for i in board["innings"] for r in i["questions"]]
     assert len(records) == 8
     # At confidence 0 the judge disputes every key it does not answer itself; each verdict says so.

@@ -289,6 +289,9 @@ def report_md(result: dict[str, Any], title: str) -> str:
     lines = [f"# Tournament: {title}", ""]
     w = result["winner"]
     lines += [f"Winner: **{w}**" if w else "No winner: every team is out.", ""]
+    judge = (result.get("models") or {}).get("judge")
+    if judge:
+        lines += [f"Keys checked by a judge model ({judge}): a key it disputes makes the question invalid.", ""]
     lines += ["| rank | team | score | A-score (correct) | Q-score (opponent wrong) | valid questions | status |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for t in result["ranking"]:
