@@ -66,6 +66,36 @@ def test_eval_pods_read_the_registry_and_runs_from_the_volume_read_only() -> Non
     assert "RUNNER_HOME" not in env and not any(p.endswith("/registry") for p in mounts)
 
 
+def test_a_serve_pod_exposes_its_port_with_probes_and_metrics() -> None:
+    sets = ["server.host=0.0.0.0", "server.port=8000"]
+    plan = render_plan(load_job(ROOT / "jobs" / "serve.yaml", sets, "kubernetes"), "kubernetes")
+    docs = manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID)
+    for d in docs:
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    k = _by_kind(docs)
+    assert {"name": "http", "port": 8000, "targetPort": 8000} in k["Service"]["spec"]["ports"]
+    pod = k["Job"]["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+    c = pod["spec"]["containers"][0]
+    assert {"name": "http", "containerPort": 8000} in c["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 1800  # time to load
+    # Training pods get none of it.
+    train = _by_kind(_manifests())["Job"]["spec"]["template"]
+    assert "annotations" not in train["metadata"] and "readinessProbe" not in train["spec"]["containers"][0]
+
+
+def test_a_serve_job_that_kubernetes_could_not_reach_is_refused_with_the_fix() -> None:
+    p = run_cli("plan", str(ROOT / "jobs" / "serve.yaml"), "--backend", "kubernetes", "--set", "server.port=8000")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "server.host 127.0.0.1 is reachable only inside the pod" in p.stderr and "0.0.0.0" in p.stderr
+    p = run_cli("plan", str(ROOT / "jobs" / "serve.yaml"), "--backend", "kubernetes", "--set", "server.host=0.0.0.0")
+    assert p.returncode == 2 and "server.port 0 (any free port) cannot work on Kubernetes" in p.stderr
+    assert run_cli("plan", str(ROOT / "jobs" / "serve.yaml")).returncode == 0  # loopback is right locally
+
+
 def test_indexed_job_one_pod_per_node_with_rank_from_completion_index() -> None:
     k = _by_kind(_manifests())
     job = k["Job"]["spec"]

@@ -233,6 +233,8 @@ class KubernetesBackend:
                 + [("HF_HOME", f"{CACHE_DIR}/hf")],
                 secret_keys=sorted(plan.secret_env),
                 port=PORT,
+                # a serve job's HTTP port: named container port, Service port, probes on /healthz, scrape /metrics
+                http_port=plan.ports[0] if plan.kind == "serve" and plan.ports else None,
                 config_files=[(k, yaml_block(v, 4)) for k, v in sorted(config.items())],
                 grace_s=GRACE_S,
                 run_dir=RUN_DIR,
