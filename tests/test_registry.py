@@ -593,6 +593,11 @@ def test_serving_image_answers_an_mmlu_question(runner_home: Path, adapters: dic
             rc, out = c.exec_run(["python3", "-c", probe])
             assert rc == 0, out.decode()[-2000:] + c.logs().decode()[-2000:]
             assert json.loads(out.decode().strip().splitlines()[-1])["answer"] in "ABCD"
+            # The image's HEALTHCHECK passes against the running service (run here rather than waited for).
+            test = client.images.get(f"{name}:v1").attrs["Config"]["Healthcheck"]["Test"]
+            assert test[0] == "CMD-SHELL" and "/healthz" in test[1]
+            rc, out = c.exec_run(["sh", "-c", test[1]])
+            assert rc == 0, out.decode()
         finally:
             c.remove(force=True)
     finally:
