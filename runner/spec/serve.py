@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section
 
@@ -117,17 +117,18 @@ class ServeJob(JobBase, AgentSource):
             raise ValueError("a serve job needs `model` (e.g. {base: tiny}) or `registry` (e.g. qa-agent@champion)")
         return self
 
-    @model_validator(mode="after")
-    def _reachable_on_kubernetes(self) -> ServeJob:
-        if self.backend != "kubernetes":
-            return self
-        if self.server.port == 0:
-            raise ValueError("server.port 0 (any free port) cannot work on Kubernetes: its probes and clients need "
+    @field_validator("server")
+    @classmethod
+    def _reachable_on_kubernetes(cls, server: ServerSpec, info: ValidationInfo) -> ServerSpec:
+        if info.data.get("backend") != "kubernetes":
+            return server
+        if server.port == 0:
+            raise ValueError("port 0 (any free port) cannot work on Kubernetes: its probes and clients need "
                              "a fixed port; set server.port, e.g. 8000")
-        if self.server.host in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"server.host {self.server.host} is reachable only inside the pod on Kubernetes, not by "
+        if server.host in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"host {server.host} is reachable only inside the pod on Kubernetes, not by "
                              "its probes or clients; set server.host: 0.0.0.0 (and server.token)")
-        return self
+        return server
 
 
 JOB_MODELS["serve"] = ServeJob
