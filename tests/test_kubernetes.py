@@ -90,10 +90,10 @@ def test_a_serve_pod_exposes_its_port_with_probes_and_metrics() -> None:
 def test_a_serve_job_that_kubernetes_could_not_reach_is_refused_with_the_fix() -> None:
     p = run_cli("plan", str(ROOT / "jobs" / "serve.yaml"), "--backend", "kubernetes", "--set", "server.port=8000")
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "serve.yaml:12:1: error: server: host 127.0.0.1 is reachable only inside the pod" in p.stderr, p.stderr
+    assert "serve.yaml:13:3: error: server.host: host 127.0.0.1 is reachable only inside the pod" in p.stderr, p.stderr
     assert "set server.host: 0.0.0.0" in p.stderr
     p = run_cli("plan", str(ROOT / "jobs" / "serve.yaml"), "--backend", "kubernetes", "--set", "server.host=0.0.0.0")
-    assert p.returncode == 2 and "server: port 0 (any free port) cannot work on Kubernetes" in p.stderr
+    assert p.returncode == 2 and "serve.yaml:14:3: error: server.port: port 0 (any free port) cannot work" in p.stderr
     assert run_cli("plan", str(ROOT / "jobs" / "serve.yaml")).returncode == 0  # loopback is right locally
 
 

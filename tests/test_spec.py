@@ -53,6 +53,18 @@ def test_misspelt_key_points_at_line_and_suggests(tmp_path: Path) -> None:
     assert "train.stpes" in msg and "did you mean 'steps'" in msg
 
 
+def test_a_check_across_fields_points_at_the_field_it_names(tmp_path: Path) -> None:
+    # Whole-job checks (nodes vs backend, unique team names) name the field; the line is that field's.
+    p = write(tmp_path, "a.yaml", "kind: prepare\nname: multi\ndata: {train: builtin:mcq}\nresources:\n"
+              "  cpus: 2\n  nodes: 2\n")
+    (msg,) = problems(p)
+    assert msg.startswith(f"{p}:6:3: error: resources.nodes: resources.nodes=2 needs backend slurm or kubernetes")
+    t = write(tmp_path, "t.yaml", "kind: tournament\nname: t\nteams:\n  - name: a\n    answer: {url: http://x}\n"
+              "  - name: a\n    answer: {url: http://y}\n")
+    (msg,) = problems(t)
+    assert msg.startswith(f"{t}:3:1: error: teams: team names must be unique; repeated: a")
+
+
 def test_wrong_type(tmp_path: Path) -> None:
     (msg,) = problems(write(tmp_path, "a.yaml", GOOD.replace("steps: 20", "steps: lots")))
     assert msg.startswith(f"{tmp_path}/a.yaml:8:3: error: train.steps:") and "integer" in msg and "'lots'" in msg

@@ -322,6 +322,9 @@ def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Pat
     out = []
     for e in err.errors(include_url=False):
         loc: Path_ = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        raised = (e.get("ctx") or {}).get("error")
+        if isinstance(raised, models.At):  # a validator that names the field below it that is wrong
+            loc = loc + raised.path
         typ = e["type"]
         if typ == "extra_forbidden":
             owner = _model_at(model, loc[:-1])

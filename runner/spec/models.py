@@ -11,6 +11,17 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class At(ValueError):
+    """A validator's error about one field below the model it checks: the loader reports that field's line.
+
+    `raise At("resources.nodes", "...")` in a job's model validator points at `resources: nodes:` in the file,
+    not at the job's first line."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = tuple(int(p) if p.isdigit() else p for p in path.split("."))
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -234,8 +245,9 @@ class JobBase(Section):
     @model_validator(mode="after")
     def _multi_node(self) -> JobBase:
         if self.resources.nodes > 1 and self.backend in ("local", "docker"):
-            raise ValueError(
-                f"resources.nodes={self.resources.nodes} needs backend slurm or kubernetes, not {self.backend}"
+            raise At(
+                "resources.nodes",
+                f"resources.nodes={self.resources.nodes} needs backend slurm or kubernetes, not {self.backend}",
             )
         return self
 

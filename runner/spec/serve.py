@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section
+from runner.spec.models import JOB_MODELS, At, DataSource, JobBase, ModelSpec, Section
 
 PROCEDURAL_TOPICS = ["seating_linear", "seating_circular", "blood_relations", "syllogisms", "alphanumeric_series"]
 QuestionSource = Literal["bank", "procedural", "model"]
@@ -28,7 +28,7 @@ class AgentSource(Section):
     @model_validator(mode="after")
     def _some_source(self) -> AgentSource:
         if self.adapter is not None and self.model is None:
-            raise ValueError("`adapter` needs `model` (the base it was trained on)")
+            raise At("adapter", "`adapter` needs `model` (the base it was trained on)")
         return self
 
     def has_model(self) -> bool:
@@ -123,10 +123,10 @@ class ServeJob(JobBase, AgentSource):
         if info.data.get("backend") != "kubernetes":
             return server
         if server.port == 0:
-            raise ValueError("port 0 (any free port) cannot work on Kubernetes: its probes and clients need "
+            raise At("port", "port 0 (any free port) cannot work on Kubernetes: its probes and clients need "
                              "a fixed port; set server.port, e.g. 8000")
         if server.host in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"host {server.host} is reachable only inside the pod on Kubernetes, not by "
+            raise At("host", f"host {server.host} is reachable only inside the pod on Kubernetes, not by "
                              "its probes or clients; set server.host: 0.0.0.0 (and server.token)")
         return server
 

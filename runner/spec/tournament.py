@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from runner.spec.models import JOB_MODELS, NAME_RE, JobBase, ModelSpec, Section
+from runner.spec.models import JOB_MODELS, NAME_RE, At, JobBase, ModelSpec, Section
 from runner.spec.serve import PROCEDURAL_TOPICS, AgentSource, AnswerAgentSpec, QuestionAgentSpec
 
 
@@ -49,7 +49,7 @@ class Team(Section):
     @model_validator(mode="after")
     def _name(self) -> Team:
         if not NAME_RE.match(self.name):
-            raise ValueError(f"team name {self.name!r}: use lowercase letters, digits, '.', '_' or '-'")
+            raise At("name", f"team name {self.name!r}: use lowercase letters, digits, '.', '_' or '-'")
         return self
 
 
@@ -106,7 +106,7 @@ class TournamentJob(JobBase):
         names = [t.name for t in self.teams]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"team names must be unique; repeated: {', '.join(dup)}")
+            raise At("teams", f"team names must be unique; repeated: {', '.join(dup)}")
         return self
 
 
