@@ -22,6 +22,8 @@ class At(ValueError):
     def __init__(self, path: str, message: str):
         super().__init__(message)
         self.path = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+
+
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -169,6 +169,10 @@ class MicroBatcher:
 # --- HTTP ----------------------------------------------------------------------------------------------
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` gets 413 before it is read into memory (declared by
     Content-Length, or counted as a chunked body arrives)."""
@@ -194,9 +198,6 @@ class BodyLimit:
         seen = 0
         over = False
 
-        class TooLarge(Exception):
-            pass
-
         async def counted_receive() -> Any:
             nonlocal seen, over
             message = await receive()
@@ -204,7 +205,7 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     over = True
-                    raise TooLarge
+                    raise _BodyTooLarge
             return message
 
         async def guarded_send(message: Any) -> None:
@@ -213,7 +214,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, guarded_send)
-        except TooLarge:
+        except _BodyTooLarge:
             pass
         if over:
             await self._reject(send)
@@ -324,11 +325,20 @@ class RequestMetrics:
             self.metrics.request(path if path in self.paths else "other", status, time.monotonic() - t0)
 
 
+def _prompt_bytes(item: AnswerItem) -> int:
+    return len(format_prompt(item.question, item.choices).encode())
+
+
+def fits_by_bytes(item: AnswerItem, limit: int) -> bool:
+    """True when the prompt's byte count alone proves it is at most `limit` tokens."""
+    return _prompt_bytes(item) + SPECIAL_TOKENS_SLACK <= limit
+
+
 def prompt_length_problem(tokenizer: Any, item: AnswerItem, limit: int) -> str | None:
     """Why an item's prompt is over `limit` tokens, or None. Tokenizes only when the byte count cannot decide."""
     from runner.workloads.scoring import encode_prompts
 
-    size = len(format_prompt(item.question, item.choices).encode())
+    size = _prompt_bytes(item)
     if size + SPECIAL_TOKENS_SLACK <= limit:
         return None
     if size > limit * MAX_BYTES_PER_TOKEN:
@@ -437,8 +447,7 @@ def create_app(
         items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
         # A prompt far past what the model was served for would hold the worker (and everyone queued behind it)
         # for as long as its forward pass takes: refuse it up front. Short prompts are decided by their bytes.
-        if any(len(format_prompt(it.question, it.choices).encode()) + SPECIAL_TOKENS_SLACK > max_prompt_tokens
-               for it in items):
+        if not all(fits_by_bytes(it, max_prompt_tokens) for it in items):
             problems = await run_in_threadpool(
                 lambda: [prompt_length_problem(answer_agent.tokenizer, it, max_prompt_tokens) for it in items]
             )
