@@ -32,6 +32,11 @@ SOURCES = ("bank", "procedural", "model")
 MAX_DEADLINE_S = 120.0  # the longest deadline one answer request may ask for
 
 
+def rank_choices(p: Sequence[float]) -> list[int]:
+    """Choice indices, most probable first; ties go to the earlier letter."""
+    return sorted(range(len(p)), key=lambda j: -p[j])  # stable
+
+
 @dataclass
 class AnswerItem:
     """One question to answer: plain choice texts (any 'A) ' prefixes removed)."""
@@ -148,7 +153,7 @@ class AnswerAgent:
         out = []
         for row, it in zip(probs.tolist(), items, strict=True):
             p = row[: len(it.choices)]
-            order = sorted(range(len(p)), key=lambda j: -p[j])  # stable: ties go to the earlier letter
+            order = rank_choices(p)
             best = order[0]
             ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(p[best], 4)}
             if self.reasoning:

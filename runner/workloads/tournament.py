@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runner.runs import atomic_write
-from runner.workloads.agents import MAX_DEADLINE_S, AnswerAgent, QuestionAgent, parse_answer_request
+from runner.workloads.agents import (
+    MAX_DEADLINE_S,
+    AnswerAgent,
+    QuestionAgent,
+    parse_answer_request,
+    rank_choices,
+)
 from runner.workloads.format_filter import (
     FormatLimits,
     TokenCounter,
@@ -121,7 +127,7 @@ class KeyJudge:
         out: list[str | None] = []
         for q, it, row in zip(questions, items, probs.tolist(), strict=True):
             p = row[: len(it.choices)]
-            best = max(range(len(p)), key=lambda j: (p[j], -j))
+            best = rank_choices(p)[0]
             key = LETTERS.index(q["answer"])
             if best != key and p[best] >= self.min_confidence:
                 out.append(f"answers {LETTERS[best]} ({p[best]:.0%}), not the key {q['answer']} ({p[key]:.0%})")
@@ -349,12 +355,6 @@ def build_teams(
             loaded[key] = load_source(src, device, log)
         return loaded[key]
 
-    judge = None
-    if spec.rules.judge is not None:
-        j = spec.rules.judge
-        m, tok, desc = load(j)
-        judge = KeyJudge(AnswerAgent([(m, tok)], permutations=j.permutations), j.min_confidence)
-
     counter: TokenCounter | None = None
     if spec.rules.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -399,8 +399,11 @@ def build_teams(
             agent.time_limit_s = min(q.time_limit_s, spec.rules.question_time_s)
             qplayer = LocalQuestionPlayer(agent)
         teams.append(TeamPlayers(team.name, aplayer, qplayer))
-    if judge is not None:
-        models["judge"] = load(spec.rules.judge)[2]
+    judge = None
+    if spec.rules.judge is not None:
+        j = spec.rules.judge
+        m, tok, models["judge"] = load(j)
+        judge = KeyJudge(AnswerAgent([(m, tok)], permutations=j.permutations), j.min_confidence)
     return teams, count, models, judge
 
 
