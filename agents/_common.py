@@ -22,7 +22,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from runner.spec.models import ModelSpec
     from runner.spec.serve import AgentSource
-    from runner.workloads.agents import load_source, pick_device
+    from runner.workloads.agents.sources import load_source, pick_device
 
     registry = args.registry
     if registry and Path(registry).is_dir():

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as e:
         return fail(f"{args.input_file}: {e}")
 
-    from runner.workloads.agents import AnswerAgent, parse_answer_request
+    from runner.workloads.agents.answer import AnswerAgent, parse_answer_request
 
     items, bad = [], {}
     for i, q in enumerate(questions):

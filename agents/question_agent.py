@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         return fail(f"--sources {args.sources!r}: write NAME=WEIGHT pairs, e.g. procedural=0.8,model=0.2")
 
-    from runner.workloads.agents import AnswerAgent, QuestionAgent
-    from runner.workloads.format_filter import approx_token_count, token_counter
+    from runner.workloads.agents.answer import AnswerAgent
+    from runner.workloads.agents.format_filter import approx_token_count, token_counter
+    from runner.workloads.agents.question import QuestionAgent
 
     bank = []
     if args.bank:
         from runner.spec.models import DataSource
-        from runner.workloads.data import DataError, load_sources
+        from runner.workloads.data.records import DataError
+        from runner.workloads.data.sets import load_sources
 
         try:
             bank = load_sources([DataSource(path=p) for p in args.bank], seed=args.seed, max_bad_rows=10**9)

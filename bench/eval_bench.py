@@ -31,11 +31,11 @@ def main() -> int:
     import torch
 
     from runner.spec.models import DataSource, ModelSpec
-    from runner.workloads.data import load_sources, subsample
-    from runner.workloads.modeling import load_model_and_tokenizer
-    from runner.workloads.packed_attention import enable_packed_scoring
-    from runner.workloads.prompts import LETTERS
-    from runner.workloads.scoring import encode_prompts, score_mcq, score_mcq_per_choice
+    from runner.workloads.data.sets import load_sources, subsample
+    from runner.workloads.model.loading import load_model_and_tokenizer
+    from runner.workloads.model.packed_attention import enable_packed_scoring
+    from runner.workloads.scoring.prompts import LETTERS
+    from runner.workloads.scoring.scorer import encode_prompts, score_mcq, score_mcq_per_choice
 
     if args.threads:
         torch.set_num_threads(args.threads)

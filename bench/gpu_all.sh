@@ -23,7 +23,7 @@ baseline=${2:-}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $py -c 'import sys, torch, transformers, peft
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
-import runner.workloads.packed_attention as pa
+import runner.workloads.model.packed_attention as pa
 print("varlen attention:", pa.varlen_available(), sorted(pa._VARLEN_PARAMS))'
 } 2>&1 | tee "$out/env.txt"
 

@@ -1,6 +1,6 @@
 """GPU training benchmark: the project's trainer step vs the shared plain HF + PEFT baseline, same process.
 
-Our step is what runner.workloads.train runs: samples packed into rows with a block-diagonal causal mask
+Our step is what runner.workloads.recipes.train runs: samples packed into rows with a block-diagonal causal mask
 (no attention across samples), position ids restarting per sample, LoRA r=16 on all seven projections,
 and the cross-entropy only at the answer positions (the lm_head runs on those hidden states only).
 Random-init Qwen2.5 architectures (nothing is downloaded), bf16 on CUDA; real (non-pad) tokens/s, MFU at
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from runner.workloads.packed_attention import enable_packed_attention, varlen_available
-from runner.workloads.packing import Example, answer_loss_sum, collate_packed, pack_rows
+from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
+from runner.workloads.training.packing import Example, answer_loss_sum, collate_packed, pack_rows
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32

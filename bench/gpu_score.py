@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from runner.workloads.packed_attention import enable_packed_attention
-from runner.workloads.prompts import LETTERS, format_prompt  # noqa: E402
-from runner.workloads.scoring import (  # noqa: E402
+from runner.workloads.model.packed_attention import enable_packed_attention
+from runner.workloads.scoring.prompts import LETTERS, format_prompt
+from runner.workloads.scoring.scorer import (
     compile_decoder_layers,
     letter_token_ids,
     score_mcq,

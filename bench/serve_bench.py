@@ -32,7 +32,7 @@ THREADS = int(os.environ.get("SERVE_BENCH_THREADS", "1"))  # the client needs a 
 
 
 def questions(n: int) -> list[dict[str, Any]]:
-    from runner.workloads import procedural
+    from runner.workloads.agents import procedural
 
     out = []
     for i in range(n):
@@ -48,7 +48,7 @@ def shaped_model(shape: str, out: Path) -> dict[str, Any]:
     from model_shapes import SIZES  # bench/ is on sys.path when run as a script
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from runner.workloads.modeling import build_tiny_tokenizer
+    from runner.workloads.recipes.pretrain_tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     shape_cfg = dict(SIZES[shape], vocab_size=max(SIZES[shape]["vocab_size"], len(tok)))
@@ -170,8 +170,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         trained_tiny = args.shape == "tiny" and not args.random
         model = {"base": "tiny"} if trained_tiny else shaped_model(args.shape, Path(d) / "model")
-        from runner.workloads.modeling import build_tiny_tokenizer
-        from runner.workloads.prompts import format_prompt
+        from runner.workloads.recipes.pretrain_tiny import build_tiny_tokenizer
+        from runner.workloads.scoring.prompts import format_prompt
 
         tok = build_tiny_tokenizer()
         mean_tokens = statistics.mean(len(tok(format_prompt(q["question"], q["choices"]))["input_ids"]) for q in qs)

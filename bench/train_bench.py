@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runner.workloads.packing import Example, answer_loss_sum, collate_packed, pack_rows
+from runner.workloads.training.packing import Example, answer_loss_sum, collate_packed, pack_rows
 
 # The baseline's "tiny" shape, with a realistic vocabulary so the logits cost what they cost.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

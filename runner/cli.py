@@ -54,11 +54,10 @@ def _load(file: str, sets: list[str] | None = None, backend: str | None = None) 
 
 
 def _plan(job: Job, backend: str | None = None) -> Plan:
-    from runner.backends import EnvironmentProblem
-    from runner.plan import render_plan
+    from runner.backends import EnvironmentProblem, plan_for
 
     try:
-        return render_plan(job, backend)
+        return plan_for(job, backend)
     except EnvironmentProblem as e:
         raise Exit(EXIT_ENV, f"error: {e}") from None
 
@@ -246,7 +245,7 @@ def drive_run(r: Run, p: Plan, attach: bool) -> int:
 @app.command(hidden=True)
 def drive(run_dir: str, backend: str | None = BackendOpt) -> None:
     """Drive an existing run (used by --detach)."""
-    from runner.plan import render_plan
+    from runner.backends import plan_for
     from runner.runs import Run
     from runner.spec import SpecError, job_from_stored
 
@@ -255,7 +254,7 @@ def drive(run_dir: str, backend: str | None = BackendOpt) -> None:
         job = job_from_stored(r.job_data(), str(r.dir / "job.yaml"))
     except SpecError as e:
         raise Exit(EXIT_INVALID, str(e)) from None
-    raise Exit(drive_run(r, render_plan(job, backend), attach=False))
+    raise Exit(drive_run(r, plan_for(job, backend), attach=False))
 
 
 # --- runs ----------------------------------------------------------------------------------------------

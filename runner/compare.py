@@ -280,7 +280,7 @@ def write_png(entries: list[Entry], path: Path) -> None:
 
 
 def default_png(entries: list[Entry]) -> Path:
-    from runner.runs import runner_home
+    from runner.paths import runner_home
 
     key = hashlib.sha256("\0".join(str(e.path.resolve()) for e in entries).encode()).hexdigest()[:10]
     return runner_home() / "compare" / f"compare-{key}.png"

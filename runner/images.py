@@ -15,12 +15,14 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runner.plan import PROJECT_ROOT, ImageRef, render_template
+from runner.paths import PROJECT_ROOT
+from runner.templating import render_template
 
 IMAGES_DIR = PROJECT_ROOT / "images"
 WHEELS_DIR = IMAGES_DIR / ".wheels"
@@ -30,6 +32,16 @@ PROJECT_FILES = ("pyproject.toml",)
 PROJECT_PACKAGES = ("runner", "agents")  # agents/: the starter-kit file interface
 KEEP_TAGS = 3  # builds of one image kept on the engine
 GPU_CHECKS = {"rocm": "torch.version.hip is not None", "cuda": "torch.version.cuda is not None"}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    name: str
+    flavour: str
+    tag: str
+    dockerfile: str
+    base: str
+
 
 
 class ImageError(Exception):
@@ -300,3 +312,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -7,20 +7,17 @@ makes `runner plan` and the tests cheap.
 from __future__ import annotations
 
 import os
-import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import jinja2
 
 from runner.spec.models import Resources
 
 if TYPE_CHECKING:
+    from runner.images import ImageRef
     from runner.spec import Job
+from runner.templating import render_template
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES_DIR = PROJECT_ROOT / "templates"
 CONTAINER_RUN_DIR = "/workspace/run"
 CONTAINER_CACHE_DIR = "/workspace/cache"
 REDACTED = "***"
@@ -35,15 +32,6 @@ class Mount:
     source: str
     target: str
     read_only: bool = True
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    name: str
-    flavour: str
-    tag: str
-    dockerfile: str
-    base: str
 
 
 @dataclass(frozen=True)
@@ -69,31 +57,6 @@ class Plan:
     def shown_env(self) -> dict[str, str]:
         """The environment as `runner plan` prints it: secrets redacted."""
         return {k: (REDACTED if k in self.secret_env else v) for k, v in sorted(self.env.items())}
-
-
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["shquote"] = shell_word
-    env.filters["yamlstr"] = lambda v: '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return env
-
-
-def shell_word(v: object) -> str:
-    """Quote a value for a shell; `${RUNNER_*}` references stay expandable (double quotes), nothing else does."""
-    s = str(v)
-    if "${RUNNER_" in s and not any(c in s.replace("${RUNNER_", "").replace("}", "") for c in '"`$\\'):
-        return f'"{s}"'
-    return shlex.quote(s)
-
-
-def render_template(template: str, **values: Any) -> str:
-    """Render templates/<name> with StrictUndefined: a missing value is an error, never an empty string."""
-    return _env().get_template(template).render(**values)
 
 
 def _layer_class(base: str) -> str:
@@ -143,9 +106,8 @@ def _data_paths(spec: Any) -> list[str]:
 
 
 def render_plan(job: Job, backend: str | None = None, workdir: str | None = None) -> Plan:
-    """Everything that would run for `job` on `backend` (default: the job's own)."""
-    from runner.backends import get_backend
-
+    """What runs for `job` on `backend` (default: the job's own): image, argv, env, mounts and the rendered files
+    every backend shares. The backend's own files (sbatch script, manifests) come from `runner.backends.plan_for`."""
     spec: Any = job.spec
     backend_name = backend or spec.backend
     flavour = image_flavour(spec.image)
@@ -162,7 +124,7 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
     else:
         argv = ["python", "-m", "runner.workloads"]
     if res.nodes > 1:
-        from runner.backends.slurm import multinode_argv
+        from runner.launch import multinode_argv
 
         argv = multinode_argv(argv)
 
@@ -205,7 +167,7 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
                 mounts.append(Mount(hp, hp, True))
         if job.kind != "train":
             # eval / serve / tournament jobs read other runs' checkpoints and the registry: same path, read-only.
-            from runner.runs import runner_home
+            from runner.paths import runner_home
 
             home = str(runner_home())
             env["RUNNER_HOME"] = home
@@ -227,12 +189,10 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
         "entrypoint.sh.j2", name=job.name, kind=job.kind, backend=backend_name, containerised=containerised,
         argv=argv,
     )
-    plan = Plan(
+    return Plan(
         job=job, kind=job.kind, name=job.name, backend=backend_name, image=image, argv=argv, env=env,
         secret_env=secrets, mounts=mounts, files=files, resources=res, ports=list(_ports(spec)), workdir=wd,
     )
-    extra = get_backend(backend_name).render_files(plan)
-    return replace(plan, files={**files, **extra})
 
 
 def _ports(spec: Any) -> list[int]:

@@ -287,7 +287,7 @@ def _hf_cache_dirs() -> list[Path]:
             dirs.append(Path(os.environ[env]))
     if os.environ.get("HF_HOME"):
         dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    from runner.runs import runner_home
+    from runner.paths import runner_home
 
     cache = Path(os.environ.get("RUNNER_CACHE") or runner_home() / "cache")
     dirs += [cache / "hf" / "hub", Path.home() / ".cache" / "huggingface" / "hub"]

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.runs import atomic_write, now_iso, runner_home
+from runner.files import atomic_write
+from runner.paths import runner_home
+from runner.runs import now_iso
 
 if TYPE_CHECKING:
     from runner.runs import Run
@@ -966,7 +968,7 @@ def render_serving_files(base_tag: str, name: str, version: int, manifest: dict[
 
     from ruamel.yaml import YAML
 
-    from runner.plan import render_template
+    from runner.templating import render_template
 
     serve = serve_job_data(name, version)
     values = dict(

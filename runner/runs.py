@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.spec import Job
+from runner.files import atomic_write
+from runner.paths import runner_home
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -38,24 +40,11 @@ class RunError(Exception):
     """A problem with the run store that the user must act on (unknown run, run locked, bad transition)."""
 
 
-def runner_home() -> Path:
-    return Path(os.environ.get("RUNNER_HOME", ".runner")).resolve()
-
-
 # timezone.utc, not datetime.UTC (3.11+): workloads in the Python 3.10 ROCm image import this module.
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")  # noqa: UP017
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old content or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def new_run_id() -> str:

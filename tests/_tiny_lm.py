@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from runner.workloads.prompts import LETTERS
+from runner.workloads.scoring.prompts import LETTERS
 
 WORDS = (
     "what which is the of a an capital city river largest smallest number element planet animal color "
@@ -46,7 +46,7 @@ def tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from runner.workloads.prompts import format_prompt
+    from runner.workloads.scoring.prompts import format_prompt
 
     corpus = [format_prompt(it.question, it.choices) + " " + it.answer for it in make_items(300, [2, 4, 5, 10], 1)]
     corpus += [" " + L for L in LETTERS] * 50

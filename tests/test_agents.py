@@ -13,11 +13,12 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
-from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent, parse_answer_request
-from runner.workloads.data import MCQ
-from runner.workloads.format_filter import check_answer, check_question, token_counter
-from runner.workloads.prompts import LETTERS
-from runner.workloads.scoring import score_mcq
+from runner.workloads.agents.answer import AnswerAgent, AnswerItem, parse_answer_request
+from runner.workloads.agents.format_filter import check_answer, check_question, token_counter
+from runner.workloads.agents.question import QuestionAgent
+from runner.workloads.data.records import MCQ
+from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.scoring.scorer import score_mcq
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.workloads.calibration import (
+from runner.workloads.scoring.calibration import (
     Shuffled,
     brier_score,
     cyclic_debias,

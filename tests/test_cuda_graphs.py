@@ -9,9 +9,9 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
-from runner.workloads import cuda_graphs
-from runner.workloads.cuda_graphs import GraphedDecoder, bucket, enable_cuda_graphs, grid
-from runner.workloads.scoring import fast_path_parts, score_mcq
+from runner.workloads.scoring import cuda_graphs
+from runner.workloads.scoring.cuda_graphs import GraphedDecoder, bucket, enable_cuda_graphs, grid
+from runner.workloads.scoring.scorer import fast_path_parts, score_mcq
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from runner.spec.models import Curriculum
-from runner.workloads.curriculum import DIFFICULTY_LEVEL, Sampler, StepComposer, curriculum_order, pool_size
+from runner.workloads.data.curriculum import (
+    DIFFICULTY_LEVEL,
+    Sampler,
+    StepComposer,
+    curriculum_order,
+    pool_size,
+)
 
 DIFFS = ["hard", "easy", "medium", "easy", "hard", "medium", "easy", "medium"] * 25
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from runner.files import sha256_file
 from runner.spec import job_from_data
 from runner.spec.models import DataSource, DataSpec
-from runner.workloads import data as D
-from runner.workloads.builtin_data import NEW_TOPICS, TOPIC_NAMES, categories
+from runner.workloads.data import importers, records, sets
+from runner.workloads.data.builtin import NEW_TOPICS, TOPIC_NAMES, categories
+from runner.workloads.recipes import prepare
 
 MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
 if not MMLU.exists():
@@ -20,8 +22,8 @@ needs_mmlu = pytest.mark.skipif(not MMLU.exists(), reason="shared MMLU files not
 
 @needs_mmlu
 def test_mmlu_val_and_dev_import_exactly() -> None:
-    val = D.load_sources([DataSource(path=str(MMLU / "val"))])
-    dev = D.load_sources([DataSource(path=str(MMLU / "dev"))])
+    val = sets.load_sources([DataSource(path=str(MMLU / "val"))])
+    dev = sets.load_sources([DataSource(path=str(MMLU / "dev"))])
     assert len(val) == 1542
     assert len(dev) == 285
     assert len({r.topic for r in val}) == 57
@@ -35,20 +37,20 @@ def test_mmlu_val_and_dev_import_exactly() -> None:
 
 @needs_mmlu
 def test_mmlu_duplicates_found_by_dedupe() -> None:
-    val = D.load_sources([DataSource(path=str(MMLU / "val"))])
-    unique, removed = D.dedupe(val)
+    val = sets.load_sources([DataSource(path=str(MMLU / "val"))])
+    unique, removed = sets.dedupe(val)
     assert removed == 2 and len(unique) == 1540
 
 
 def test_bad_rows_reported_with_file_and_line(tmp_path: Path) -> None:
     f = tmp_path / "physics_val.csv"
     f.write_text('What is 1+1?,1,2,3,4,B\n"Multi\nline, with comma",a,b,c,d,Z\nonly,two\nOk?,x,y,z,w,D\n')
-    with pytest.raises(D.DataError) as e:
-        D.load_sources([DataSource(path=str(f))])
+    with pytest.raises(records.DataError) as e:
+        sets.load_sources([DataSource(path=str(f))])
     msg = str(e.value)
     assert f"{f}:2: answer 'Z'" in msg  # the record starting on line 2 (it spans lines 2-3)
     assert f"{f}:4: expected question" in msg
-    recs = D.load_sources([DataSource(path=str(f))], max_bad_rows=2)
+    recs = sets.load_sources([DataSource(path=str(f))], max_bad_rows=2)
     assert [r.question for r in recs] == ["What is 1+1?", "Ok?"]
     assert recs[0].topic == "physics"
 
@@ -62,7 +64,7 @@ def test_jsonl_bad_lines(tmp_path: Path) -> None:
         {"question": "Q3?", "choices": ["A) x", "B) y", "C) z"], "answer": "C", "difficulty": "impossible"},
     ]
     f.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    res = D.import_source(DataSource(path=str(f)))
+    res = importers.import_source(DataSource(path=str(f)))
     assert len(res.records) == 1
     assert [p.split(": ", 1)[0] for p in res.problems] == [f"{f}:2", f"{f}:3", f"{f}:4"]
 
@@ -81,7 +83,7 @@ def test_arc_obqa_csqa_and_tournament(tmp_path: Path) -> None:
     tour = tmp_path / "questions.json"
     tour.write_text(json.dumps([{"topic": "Logic", "question": "2+2?", "choices": ["A) 3", "B) 4", "C) 5", "D) 6"],
                                  "answer": "B", "explanation": "sum"}], indent=2))
-    got = {p.name: D.load_sources([DataSource(path=str(p))]) for p in (arc, obqa, csqa, tour)}
+    got = {p.name: sets.load_sources([DataSource(path=str(p))]) for p in (arc, obqa, csqa, tour)}
     a = got[arc.name][0]
     assert (a.source, a.answer, a.choices, a.difficulty) == ("arc", "B", ["wood", "iron", "glass"], "hard")
     o = got[obqa.name][0]
@@ -90,36 +92,36 @@ def test_arc_obqa_csqa_and_tournament(tmp_path: Path) -> None:
     t = got[tour.name][0]
     assert t.choices == ["3", "4", "5", "6"] and t.answer == "B" and t.topic == "Logic"
     # a directory imports every data file inside
-    assert len(D.load_sources([DataSource(path=str(tmp_path))])) == 4
+    assert len(sets.load_sources([DataSource(path=str(tmp_path))])) == 4
 
 
 def test_dedupe_normalises_case_and_space() -> None:
-    a = D.make_mcq(id="1", question="What  is X?", choices=["a", "b"], answer="A", topic="t", source="s")
-    b = D.make_mcq(id="2", question="what is x?", choices=["A ", "b"], answer="B", topic="t", source="s")
-    c = D.make_mcq(id="3", question="What is Y?", choices=["a", "b"], answer="A", topic="t", source="s")
-    out, removed = D.dedupe([a, b, c])
+    a = records.make_mcq(id="1", question="What  is X?", choices=["a", "b"], answer="A", topic="t", source="s")
+    b = records.make_mcq(id="2", question="what is x?", choices=["A ", "b"], answer="B", topic="t", source="s")
+    c = records.make_mcq(id="3", question="What is Y?", choices=["a", "b"], answer="A", topic="t", source="s")
+    out, removed = sets.dedupe([a, b, c])
     assert [r.id for r in out] == ["1", "3"] and removed == 1
 
 
 def test_split_is_deterministic_and_stratified() -> None:
-    recs, _ = D.dedupe(D.load_sources([DataSource(path="builtin:categories")]))
-    tr1, va1 = D.split_records(recs, 0.1, seed=0)
-    tr2, va2 = D.split_records(list(reversed(recs)), 0.1, seed=0)
+    recs, _ = sets.dedupe(sets.load_sources([DataSource(path="builtin:categories")]))
+    tr1, va1 = sets.split_records(recs, 0.1, seed=0)
+    tr2, va2 = sets.split_records(list(reversed(recs)), 0.1, seed=0)
     assert {r.id for r in va1} == {r.id for r in va2}
-    assert not {D.dedupe_key(r) for r in tr1} & {D.dedupe_key(r) for r in va1}
+    assert not {sets.dedupe_key(r) for r in tr1} & {sets.dedupe_key(r) for r in va1}
     per_topic = {t: sum(r.topic == t for r in va1) for t in TOPIC_NAMES}
     totals = {t: sum(r.topic == t for r in recs) for t in TOPIC_NAMES}
     assert all(abs(per_topic[t] - round(0.1 * totals[t])) <= 1 for t in TOPIC_NAMES)
-    _, va3 = D.split_records(recs, 0.1, seed=1)
+    _, va3 = sets.split_records(recs, 0.1, seed=1)
     assert {r.id for r in va3} != {r.id for r in va1}
 
 
 def test_builtin_set_is_deterministic_and_filterable() -> None:
     assert categories(per_topic=5) == categories(per_topic=5)
-    recs = D.load_sources([DataSource(path="builtin:categories", topics=NEW_TOPICS[:2], limit=50)])
+    recs = sets.load_sources([DataSource(path="builtin:categories", topics=NEW_TOPICS[:2], limit=50)])
     assert len(recs) == 50 and {r.topic for r in recs} <= set(NEW_TOPICS[:2])
-    with pytest.raises(D.DataError, match="not found"):
-        D.load_sources([DataSource(path="builtin:categories", topics=["astrology"])])
+    with pytest.raises(records.DataError, match="not found"):
+        sets.load_sources([DataSource(path="builtin:categories", topics=["astrology"])])
 
 
 def test_prepare_job_writes_split_and_manifest(tmp_path: Path) -> None:
@@ -129,14 +131,14 @@ def test_prepare_job_writes_split_and_manifest(tmp_path: Path) -> None:
     rows.append(dict(rows[0]))  # a duplicate
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = job_from_data({"name": "prep", "kind": "prepare", "data": {"train": [str(src)], "val_fraction": 0.25}})
-    assert D.run(job, tmp_path / "run") == 0
+    assert prepare.run(job, tmp_path / "run") == 0
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["duplicates_removed"] == 1
     assert man["train"]["total"] + man["val"]["total"] == 40
     assert man["val"]["by_topic"] == {"t0": 5, "t1": 5}
-    assert man["inputs"][0]["files"][0]["sha256"] == D.sha256_file(src)
-    assert man["outputs"]["val.jsonl"]["sha256"] == D.sha256_file(tmp_path / "run" / "val.jsonl")
-    assert len(D.read_jsonl(tmp_path / "run" / "train.jsonl")) == 30
+    assert man["inputs"][0]["files"][0]["sha256"] == sha256_file(src)
+    assert man["outputs"]["val.jsonl"]["sha256"] == sha256_file(tmp_path / "run" / "val.jsonl")
+    assert len(importers.read_jsonl(tmp_path / "run" / "train.jsonl")) == 30
 
 
 def test_val_sources_remove_leaks_from_train(tmp_path: Path) -> None:
@@ -144,6 +146,6 @@ def test_val_sources_remove_leaks_from_train(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:5]))
     spec = DataSpec(train=[str(tmp_path / "a.jsonl")], val=[str(tmp_path / "v.jsonl")])
-    train, val, info = D.train_val_records(spec)
-    assert not {D.dedupe_key(r) for r in train} & {D.dedupe_key(r) for r in val}
+    train, val, info = sets.train_val_records(spec)
+    assert not {sets.dedupe_key(r) for r in train} & {sets.dedupe_key(r) for r in val}
     assert info["train_removed_as_in_val"] >= 5

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.backends import plan_for
 from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
 from runner.backends.docker import (
     LABEL_RUN,
@@ -23,7 +24,6 @@ from runner.backends.docker import (
     find_orphans,
     kfd_render_minors,
 )
-from runner.plan import render_plan
 from runner.spec import load_job
 from tests.conftest import ROOT, run_cli
 
@@ -47,7 +47,7 @@ def test_plan_shows_every_amd_flag_and_the_dockerfile() -> None:
 
 def test_run_script_is_valid_shell_and_quotes_values(tmp_path: Path) -> None:
     job = load_job(JOB_72B, ["env.MSG=it's a \"quoted\" $value"])
-    plan = render_plan(job, "docker")
+    plan = plan_for(job, "docker")
     script = plan.files["docker-run.sh"]
     f = tmp_path / "docker-run.sh"
     f.write_text(script)
@@ -84,18 +84,18 @@ def test_amd_devices_are_per_gpu_render_nodes(tmp_path: Path) -> None:
 
 def test_cuda_flavour_requests_gpus_and_tiny_training_has_no_network() -> None:
     job = load_job(JOB_72B, ["image=cuda", "resources.gpu_type=h100", "resources.gpus=2"])
-    spec = container_spec(render_plan(job, "docker"), "/r", "id")
+    spec = container_spec(plan_for(job, "docker"), "/r", "id")
     assert spec.gpu_request == 2 and spec.devices == [] and spec.ipc_mode == "host"
     assert "--gpus" in spec.docker_args() and spec.sdk_kwargs()["device_requests"][0]["Count"] == 2
     assert spec.network is None  # a Hub model must be downloaded
     tiny = load_job(JOB_72B, ["model.base=tiny", "image=cpu", "resources.gpus=0"])
-    spec = container_spec(render_plan(tiny, "docker"), "/r", "id")
+    spec = container_spec(plan_for(tiny, "docker"), "/r", "id")
     assert spec.network == "none" and not spec.devices and spec.ipc_mode is None
 
 
 def test_a_service_shares_the_host_network_so_its_address_means_the_same() -> None:
     job = load_job(str(ROOT / "jobs" / "serve.yaml"), ["image=cpu", "backend=docker", "server.port=8123"])
-    spec = container_spec(render_plan(job, "docker"), "/r", "id")
+    spec = container_spec(plan_for(job, "docker"), "/r", "id")
     assert spec.network == "host" and spec.ports == []  # loopback stays loopback; nothing to publish
     args = spec.docker_args()
     assert "--network" in args and args[args.index("--network") + 1] == "host" and "-p" not in args
@@ -189,7 +189,7 @@ def test_files_belong_to_the_user_the_container_runs_as(engine: object, cpu_imag
     from runner.runs import RunStore
 
     job = load_job(str(_job_file(tmp_path, "prep-uid", "data:\n  train: builtin:categories?per_topic=5\n")))
-    plan = render_plan(job, "docker")
+    plan = plan_for(job, "docker")
     run = RunStore().create(job, plan)
     for d in (run.dir, *run.dir.rglob("*")):
         os.chown(d, 4321, 4321)
@@ -202,7 +202,7 @@ def test_files_belong_to_the_user_the_container_runs_as(engine: object, cpu_imag
 def _sleeper_plan(job_file: Path) -> object:
     """The job's plan with an entrypoint that waits for SIGTERM and exits as a cancelled trainer would."""
     job = load_job(str(job_file))
-    plan = render_plan(job, "docker")
+    plan = plan_for(job, "docker")
     code = ("import signal, sys, time, pathlib\n"
             "def stop(*a):\n"
             "    pathlib.Path('/workspace/run/checkpoints/step-00000001').mkdir(parents=True)\n"

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from runner.spec import job_from_data
-from runner.workloads.data import MCQ
-from runner.workloads.evaluate import EvalError, ensemble, evaluate, summarize, vote_probs
+from runner.workloads.data.records import MCQ
+from runner.workloads.recipes.eval import EvalError, evaluate
+from runner.workloads.scoring.summary import ensemble, summarize, vote_probs
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def _fake_training_run(home: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from runner.spec.models import ModelSpec
-    from runner.workloads.modeling import load_model_and_tokenizer
+    from runner.workloads.model.loading import load_model_and_tokenizer
 
     run_dir = home / "runs" / "train-tiny" / "20260101-000000-0001"
     ck = run_dir / "checkpoints" / "step-00000010" / "adapter"

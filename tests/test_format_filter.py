@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import _tiny_lm as tiny
 
-from runner.workloads.format_filter import (
+from runner.workloads.agents.format_filter import (
     FormatLimits,
     approx_token_count,
     check_answer,

@@ -16,9 +16,8 @@ import kubernetes_validate
 import pytest
 from ruamel.yaml import YAML
 
-from runner.backends import EnvironmentProblem, get_backend
+from runner.backends import EnvironmentProblem, get_backend, plan_for
 from runner.backends.kubernetes import k8s_name, manifests_for_run, object_name
-from runner.plan import render_plan
 from runner.runs import RunStore
 from runner.spec import load_job
 from tests.conftest import ROOT, run_cli
@@ -28,7 +27,7 @@ RUN_ID = "20261126-104500-ab12"
 
 
 def _manifests(*sets: str) -> list[dict[str, Any]]:
-    plan = render_plan(load_job(JOB_4NODE, list(sets), "kubernetes"), "kubernetes")
+    plan = plan_for(load_job(JOB_4NODE, list(sets), "kubernetes"), "kubernetes")
     return manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID)
 
 
@@ -50,7 +49,7 @@ def test_plan_prints_manifests_that_pass_the_kubernetes_schemas() -> None:
 
 def test_eval_pods_read_the_registry_and_runs_from_the_volume_read_only() -> None:
     def mounts_env(path: Path, *sets: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        plan = render_plan(load_job(path, ["backend=kubernetes", "image=cuda", *sets], "kubernetes"), "kubernetes")
+        plan = plan_for(load_job(path, ["backend=kubernetes", "image=cuda", *sets], "kubernetes"), "kubernetes")
         docs = manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID)
         for d in docs:
             kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
@@ -68,7 +67,7 @@ def test_eval_pods_read_the_registry_and_runs_from_the_volume_read_only() -> Non
 
 def test_a_serve_pod_exposes_its_port_with_probes_and_metrics() -> None:
     sets = ["server.host=0.0.0.0", "server.port=8000"]
-    plan = render_plan(load_job(ROOT / "jobs" / "serve.yaml", sets, "kubernetes"), "kubernetes")
+    plan = plan_for(load_job(ROOT / "jobs" / "serve.yaml", sets, "kubernetes"), "kubernetes")
     docs = manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID)
     for d in docs:
         kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
@@ -153,7 +152,7 @@ def test_cuda_flavour_asks_for_nvidia_gpus_and_existing_claim_is_not_created() -
 
 def test_secrets_are_referenced_never_written(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    plan = render_plan(load_job(JOB_4NODE, [], "kubernetes"), "kubernetes")
+    plan = plan_for(load_job(JOB_4NODE, [], "kubernetes"), "kubernetes")
     assert "hf_secret_value" not in plan.files["kubernetes.yaml"]
     c = _by_kind(manifests_for_run(plan.files["kubernetes.yaml"], RUN_ID))["Job"]["spec"]["template"]["spec"]
     env = {e["name"]: e for e in c["containers"][0]["env"]}
@@ -173,7 +172,7 @@ def test_names_are_valid_dns_labels() -> None:
 def test_no_kubeconfig_is_an_environment_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    plan = render_plan(load_job(JOB_4NODE, [], "kubernetes"), "kubernetes")
+    plan = plan_for(load_job(JOB_4NODE, [], "kubernetes"), "kubernetes")
     with pytest.raises(EnvironmentProblem, match="no Kubernetes cluster configured"):
         get_backend("kubernetes").check(plan)
     p = run_cli(
@@ -338,7 +337,7 @@ def fake_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fa
 
 def _start(cluster: FakeCluster) -> tuple[Any, Any, Any]:
     job = load_job(JOB_4NODE, [], "kubernetes")
-    plan = render_plan(job, "kubernetes")
+    plan = plan_for(job, "kubernetes")
     backend = get_backend("kubernetes")
     backend.check(plan)
     run = RunStore().create(job, plan)

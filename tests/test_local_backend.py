@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.backends import EXIT_CANCELLED, EnvironmentProblem, get_backend
-from runner.plan import render_plan
+from runner.backends import EXIT_CANCELLED, EnvironmentProblem, get_backend, plan_for
 from runner.runs import RunStore
 from runner.spec import load_job
 
@@ -42,7 +41,7 @@ def start(tmp_path: Path, *args: str):  # type: ignore[no-untyped-def]
     job = load_job(f)
     script = tmp_path / "workload.py"
     script.write_text(WORKLOAD)
-    plan = dataclasses.replace(render_plan(job, workdir=str(tmp_path)), argv=["python", str(script), *args])
+    plan = dataclasses.replace(plan_for(job, workdir=str(tmp_path)), argv=["python", str(script), *args])
     run = RunStore().create(job, plan)
     backend = get_backend("local")
     return backend, run, backend.start(plan, run, attach=False)
@@ -84,7 +83,7 @@ def test_cancel_from_another_process_kills_after_grace(tmp_path: Path) -> None:
 def test_gpu_job_without_a_device_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "g.yaml"
     f.write_text(JOB + "resources: {gpus: 1}\nimage: rocm\n")
-    plan = render_plan(load_job(f), backend="local")
+    plan = plan_for(load_job(f), backend="local")
     if Path("/dev/kfd").exists():
         pytest.skip("this machine has /dev/kfd")
     with pytest.raises(EnvironmentProblem, match="/dev/kfd"):
@@ -96,5 +95,5 @@ def test_python_is_this_interpreter(tmp_path: Path) -> None:
 
     f = tmp_path / "demo.yaml"
     f.write_text(JOB)
-    plan = render_plan(load_job(f))
+    plan = plan_for(load_job(f))
     assert local_argv(plan, tmp_path)[0] == sys.executable

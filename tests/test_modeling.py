@@ -9,15 +9,11 @@ from pathlib import Path
 import torch
 
 from runner.spec.models import LoraSpec, ModelSpec, TinyModel
-from runner.workloads.modeling import (
-    attach_lora,
-    build_tiny_tokenizer,
-    ensure_tiny_base,
-    load_model_and_tokenizer,
-    tiny_settings_hash,
-)
-from runner.workloads.prompts import LETTERS
-from runner.workloads.scoring import letter_token_ids, score_mcq
+from runner.workloads.model.loading import attach_lora, load_model_and_tokenizer
+from runner.workloads.model.tiny import tiny_settings_hash
+from runner.workloads.recipes.pretrain_tiny import build_tiny_tokenizer, ensure_tiny_base
+from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.scoring.scorer import letter_token_ids, score_mcq
 
 MMLU_Q = ("Statement 1 | If a and b are elements of finite order in an Abelian group, then |ab| is the lcm (|a|,|b|). "
           "Statement 2 | café, naïve — ∑ x² ≤ 10")

@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from runner.spec.models import TinyModel
-from runner.workloads.builtin_data import categories
-from runner.workloads.data import MCQ
-from runner.workloads.modeling import build_tiny_model, build_tiny_tokenizer
-from runner.workloads.packing import collate_packed, collate_padded, encode_mcq, pack_rows, per_token_losses
+from runner.workloads.data.builtin import categories
+from runner.workloads.data.records import MCQ
+from runner.workloads.model.tiny import build_tiny_model
+from runner.workloads.recipes.pretrain_tiny import build_tiny_tokenizer
+from runner.workloads.training.packing import (
+    collate_packed,
+    collate_padded,
+    encode_mcq,
+    pack_rows,
+    per_token_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,8 @@ def test_mask_free_packed_rows_equal_masked_rows() -> None:
     rows' answer losses and LoRA gradients, pad tails included."""
     from peft import LoraConfig, get_peft_model
 
-    from runner.workloads.packed_attention import enable_packed_attention
-    from runner.workloads.packing import answer_loss_sum, varlen_training
+    from runner.workloads.model.packed_attention import enable_packed_attention
+    from runner.workloads.training.packing import answer_loss_sum, varlen_training
 
     torch.set_num_threads(1)
     tok = build_tiny_tokenizer()

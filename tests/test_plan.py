@@ -6,8 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from runner.plan import render_plan, shell_word
+from runner.backends import plan_for
 from runner.spec import load_job
+from runner.templating import shell_word
 from tests.conftest import ROOT, run_cli
 
 JOB = "kind: train\nname: demo\nmodel: {base: tiny}\ndata: {train: builtin:quickstart}\n"
@@ -20,7 +21,7 @@ def job_file(tmp_path: Path, extra: str = "") -> Path:
 
 
 def test_cpu_train_plan_runs_the_workload_module(tmp_path: Path) -> None:
-    p = render_plan(load_job(job_file(tmp_path)), workdir=str(tmp_path))
+    p = plan_for(load_job(job_file(tmp_path)), workdir=str(tmp_path))
     assert p.argv == ["python", "-m", "runner.workloads"]
     assert p.env["RUNNER_WORKDIR"] == str(tmp_path) and p.env["RUNNER_JOB"] == "demo"
     acc = yaml.safe_load(p.files["accelerate.yaml"])
@@ -30,7 +31,7 @@ def test_cpu_train_plan_runs_the_workload_module(tmp_path: Path) -> None:
 
 def test_multi_gpu_plan_renders_fsdp_and_launches_accelerate(tmp_path: Path) -> None:
     f = job_file(tmp_path, "resources: {gpus: 8}\nimage: rocm\n")
-    p = render_plan(load_job(f, ["model.base=Qwen/Qwen2.5-72B-Instruct", "model.dtype=bf16"]), backend="local")
+    p = plan_for(load_job(f, ["model.base=Qwen/Qwen2.5-72B-Instruct", "model.dtype=bf16"]), backend="local")
     assert p.argv[:2] == ["accelerate", "launch"] and p.argv[-2:] == ["-m", "runner.workloads"]
     acc = yaml.safe_load(p.files["accelerate.yaml"])
     assert acc["distributed_type"] == "FSDP" and acc["num_processes"] == 8 and acc["mixed_precision"] == "bf16"

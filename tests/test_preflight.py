@@ -161,10 +161,10 @@ def test_unknown_model_asks_for_params_b_and_params_b_gives_an_estimate() -> Non
 
 
 def test_gate_refuses_a_job_that_cannot_fit_unless_forced() -> None:
-    from runner.plan import render_plan
+    from runner.backends import plan_for
 
     job = load_job(str(ROOT / "jobs" / "train-235b.yaml"), backend="local")
-    plan = render_plan(job, "local")
+    plan = plan_for(job, "local")
     with pytest.raises(EnvironmentProblem, match=r"DOES NOT FIT.*437\.9 GiB"):
         pf.gate(job, plan)
     assert pf.gate(job, plan, force=True) is None

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from runner.workloads import procedural
-from runner.workloads.format_filter import check_question
+from runner.workloads.agents import procedural
+from runner.workloads.agents.format_filter import check_question
 
 N_PER_TOPIC = 500
 ORD = {"second": 2, "third": 3}

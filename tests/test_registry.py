@@ -319,7 +319,7 @@ def test_verify_detects_a_flipped_byte_and_loading_refuses(runner_home: Path, ad
     with pytest.raises(IntegrityError, match="adapter/adapter_model.safetensors"):
         resolve_artifact("qa:v1")
     # A workload loading it refuses with the same message, no traceback.
-    q = subprocess.run([sys.executable, "-m", "runner.workloads.artifact", "answer", "qa@champion", "--question",
+    q = subprocess.run([sys.executable, "-m", "runner.workloads.recipes.artifact", "answer", "qa@champion", "--question",
                         json.dumps({"question": "2+2?", "choices": ["3", "4"]})], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert q.returncode == 1 and "refusing to load" in q.stderr and "Traceback" not in q.stderr
@@ -414,8 +414,8 @@ def test_merged_weights_give_the_same_letter_probabilities(runner_home: Path, ad
     import _tiny_lm
     import torch
 
-    from runner.workloads.artifact import load_artifact
-    from runner.workloads.scoring import score_mcq
+    from runner.workloads.model.artifact import load_artifact
+    from runner.workloads.scoring.scorer import score_mcq
 
     torch.set_num_threads(1)
     ref = make_run(runner_home, adapters, acc={20: 0.7}, best=20)
@@ -441,9 +441,9 @@ def test_a_tiny_base_is_bundled_so_the_version_stands_alone(runner_home: Path, t
     from peft import LoraConfig, get_peft_model
 
     from runner.spec.models import ModelSpec
-    from runner.workloads.artifact import load_artifact
-    from runner.workloads.modeling import load_model_and_tokenizer
-    from runner.workloads.scoring import score_mcq
+    from runner.workloads.model.artifact import load_artifact
+    from runner.workloads.model.loading import load_model_and_tokenizer
+    from runner.workloads.scoring.scorer import score_mcq
 
     torch.set_num_threads(1)
     spec = {"base": "tiny", "tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "pretrain_steps": 0, "seed": 5}}
@@ -523,7 +523,7 @@ def test_quickstart_sized_runs_promote_refuse_and_force(runner_home: Path, tmp_p
     assert manifest(runner_home, "qa-agent", 2)["source"]["spec_hash"] in show.stdout
     assert run_cli("registry", "verify", "qa-agent:v1").returncode == 0
     # The promoted version loads without the run or the cache and scores like the run's checkpoint did.
-    q = subprocess.run([sys.executable, "-m", "runner.workloads.artifact", "answer", "qa-agent:v1", "--question",
+    q = subprocess.run([sys.executable, "-m", "runner.workloads.recipes.artifact", "answer", "qa-agent:v1", "--question",
                         json.dumps({"question": "Which of these is a tool?", "choices": ["hammer", "shirt", "tree",
                                                                                          "elbow"]})],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,

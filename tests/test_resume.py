@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from train_helpers import metrics, run_train, start_train, tiny_job, write_run_dir
 
-from runner.workloads.train import complete_checkpoints
+from runner.workloads.training.checkpoints import complete_checkpoints
 
 
 @pytest.fixture(scope="module")

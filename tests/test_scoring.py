@@ -6,14 +6,9 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
-from runner.workloads.packed_attention import PACKED_ATTENTION, enable_packed_attention
-from runner.workloads.prompts import format_prompt, strip_choice_prefix
-from runner.workloads.scoring import (
-    length_batches,
-    letter_token_ids,
-    score_mcq,
-    score_mcq_per_choice,
-)
+from runner.workloads.model.packed_attention import PACKED_ATTENTION, enable_packed_attention
+from runner.workloads.scoring.prompts import format_prompt, strip_choice_prefix
+from runner.workloads.scoring.scorer import length_batches, letter_token_ids, score_mcq, score_mcq_per_choice
 
 torch.set_num_threads(1)
 

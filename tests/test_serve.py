@@ -21,10 +21,12 @@ import pytest
 import torch
 import uvicorn
 
-from runner.workloads.agents import AnswerAgent, AnswerItem, QuestionAgent
-from runner.workloads.format_filter import check_answer, check_question, token_counter
-from runner.workloads.prompts import format_prompt
-from runner.workloads.serve import MicroBatcher, bind, create_app, prompt_token_limit, url_of
+from runner.workloads.agents.answer import AnswerAgent, AnswerItem
+from runner.workloads.agents.format_filter import check_answer, check_question, token_counter
+from runner.workloads.agents.question import QuestionAgent
+from runner.workloads.scoring.prompts import format_prompt
+from runner.workloads.serving.app import bind, create_app, prompt_token_limit, url_of
+from runner.workloads.serving.batcher import MicroBatcher
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,18 +17,18 @@ from typing import Any
 
 import pytest
 
-from runner.backends import EnvironmentProblem, get_backend
+from runner.backends import EnvironmentProblem, get_backend, plan_for
 from runner.backends.slurm import (
     SlurmNode,
     gres_gpus,
     job_info,
     map_state,
-    multinode_argv,
     preflight,
     signal_lead_s,
     time_limit_s,
 )
-from runner.plan import Plan, render_plan
+from runner.launch import multinode_argv
+from runner.plan import Plan
 from runner.runs import Run, RunStore
 from runner.spec import job_from_data, load_job
 from tests.conftest import ROOT, run_cli
@@ -106,17 +106,17 @@ def test_gres_gpu_counts() -> None:
 
 
 def test_preflight_refuses_more_nodes_than_the_partition_has() -> None:
-    plan = render_plan(_job(nodes=2), "slurm")
+    plan = plan_for(_job(nodes=2), "slurm")
     nodes = [SlurmNode("vm", ("debug*",), 2, 23000, 0, "idle")]
     with pytest.raises(EnvironmentProblem) as e:
         preflight(plan, nodes)
     msg = str(e.value)
     assert "resources.nodes=2" in msg and "'debug' has 1 node(s)" in msg and "wait forever" in msg
-    preflight(render_plan(_job(nodes=1), "slurm"), nodes)  # one node fits
+    preflight(plan_for(_job(nodes=1), "slurm"), nodes)  # one node fits
 
 
 def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
-    plan = render_plan(_job(nodes=2, gpus=8, cpus=None, memory_gb=None), "slurm")
+    plan = plan_for(_job(nodes=2, gpus=8, cpus=None, memory_gb=None), "slurm")
     nodes = [
         SlurmNode("g1", ("gpu",), 128, 2_000_000, 8, "idle"),
         SlurmNode("g2", ("gpu",), 128, 2_000_000, 8, "down*"),
@@ -170,7 +170,7 @@ def test_4node_plan_gives_each_node_its_rank() -> None:
 
 def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
     job = load_job(JOB_4NODE, [], "slurm")
-    plan = render_plan(job, "slurm")
+    plan = plan_for(job, "slurm")
     for name in ("sbatch.sh", "entrypoint.sh"):
         f = tmp_path / name
         f.write_text(plan.files[name])
@@ -180,7 +180,7 @@ def test_rendered_script_is_valid_bash(tmp_path: Path) -> None:
 def test_secrets_stay_out_of_the_script(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     job = load_job(JOB_4NODE, [], "slurm")
-    text = render_plan(job, "slurm").files["sbatch.sh"]
+    text = plan_for(job, "slurm").files["sbatch.sh"]
     assert "hf_secret_value" not in text
     assert "# HF_TOKEN: a secret" in text
 
@@ -188,7 +188,7 @@ def test_secrets_stay_out_of_the_script(monkeypatch: pytest.MonkeyPatch) -> None
 def test_no_sbatch_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(EnvironmentProblem, match="no Slurm client"):
-        get_backend("slurm").check(render_plan(_job(), "slurm"))
+        get_backend("slurm").check(plan_for(_job(), "slurm"))
 
 
 # --- the real cluster --------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def _start_fake(
             "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
         }
     )
-    plan = render_plan(job, "slurm")
+    plan = plan_for(job, "slurm")
     plan = replace(plan, files={**plan.files, "entrypoint.sh": FAKE_TRAINER})
     backend = get_backend("slurm")
     backend.check(plan)

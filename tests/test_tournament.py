@@ -15,10 +15,9 @@ import _tiny_lm as tiny
 import pytest
 import torch
 
-from runner.workloads.agents import AnswerAgent, parse_answer_request
-from runner.workloads.format_filter import public_view
-from runner.workloads.serve import MicroBatcher, create_app
-from runner.workloads.tournament import (
+from runner.workloads.agents.answer import AnswerAgent, parse_answer_request
+from runner.workloads.agents.format_filter import public_view
+from runner.workloads.agents.match import (
     HttpAnswerPlayer,
     LocalAnswerPlayer,
     RulesConfig,
@@ -26,6 +25,8 @@ from runner.workloads.tournament import (
     play,
     report_md,
 )
+from runner.workloads.serving.app import create_app
+from runner.workloads.serving.batcher import MicroBatcher
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,7 @@ def test_a_key_the_judge_disputes_makes_the_question_invalid() -> None:
 
 
 def test_the_model_judge_disputes_only_keys_it_answers_otherwise() -> None:
-    from runner.workloads.tournament import KeyJudge
+    from runner.workloads.agents.match import KeyJudge
 
     agent = AnswerAgent([(tiny.model(), tiny.tokenizer())])
     questions = [q("t1", "A", question=f"Which of these is number {i}?") for i in range(8)]

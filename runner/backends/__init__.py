@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from runner.backends.base import EXIT_CANCELLED, Backend, EnvironmentProblem, Handle
+
+if TYPE_CHECKING:
+    from runner.plan import Plan
+    from runner.spec import Job
 
 BACKENDS = {
     "local": "runner.backends.local:LocalBackend",
@@ -29,4 +35,12 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-__all__ = ["BACKENDS", "EXIT_CANCELLED", "Backend", "EnvironmentProblem", "Handle", "get_backend"]
+def plan_for(job: Job, backend: str | None = None, workdir: str | None = None) -> Plan:
+    """The job's plan with the backend's own files added: what `runner plan` shows and `runner run` writes."""
+    from runner.plan import render_plan
+
+    plan = render_plan(job, backend, workdir)
+    return replace(plan, files={**plan.files, **get_backend(plan.backend).render_files(plan)})
+
+
+__all__ = ["BACKENDS", "EXIT_CANCELLED", "Backend", "EnvironmentProblem", "Handle", "get_backend", "plan_for"]

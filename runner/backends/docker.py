@@ -165,7 +165,7 @@ class ContainerSpec:
 
 
 def host_cache_dir() -> Path:
-    from runner.runs import runner_home
+    from runner.paths import runner_home
 
     return Path(os.environ.get("RUNNER_CACHE") or runner_home() / "cache").resolve()
 
@@ -433,7 +433,7 @@ class DockerBackend:
         import docker.errors
 
         from runner import images
-        from runner.runs import atomic_write
+        from runner.files import atomic_write
 
         c = client()
         log = open(run.log_path, "ab")

@@ -185,18 +185,13 @@ class KubernetesBackend:
     name = "kubernetes"
 
     def render_files(self, plan: Plan) -> dict[str, str]:
-        from runner.plan import render_template
+        from runner.templating import render_template
 
         res = plan.resources
         flavour = plan.image.flavour if plan.image is not None else "cpu"
         tag = plan.image.tag if plan.image is not None else "qa-runner-cpu:latest"
         image = f"{res.registry.rstrip('/')}/{tag}" if res.registry else tag
-        from runner.backends.slurm import multinode_entrypoint
-
         files: dict[str, str] = {}
-        entry = multinode_entrypoint(plan, containerised=True)
-        if entry is not None:
-            files["entrypoint.sh"] = entry
         config = {
             "job.yaml": _job_yaml(plan),
             **{

@@ -35,7 +35,7 @@ def local_argv(plan: Plan, run_dir: Path) -> list[str]:
 
 
 def local_env(plan: Plan, run: Run) -> dict[str, str]:
-    from runner.runs import runner_home
+    from runner.paths import runner_home
 
     env = dict(os.environ)
     env.update(plan.env)

@@ -28,10 +28,6 @@ POLL_S = 1.0
 LOST_AFTER_S = 120.0  # how long the job may be invisible to squeue/scontrol before the run counts as failed
 CMD_TIMEOUT_S = 10.0
 
-# Engine-neutral names the backends set on every node; the accelerate launch line reads them.
-RANK_ENV = "RUNNER_NODE_RANK"
-ADDR_ENV = "RUNNER_MASTER_ADDR"
-PORT_ENV = "RUNNER_MASTER_PORT"
 
 PENDING_STATES = frozenset(
     {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
@@ -43,25 +39,6 @@ FAILED_STATES = frozenset(
     {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED"}
 )
 UNUSABLE_NODE_STATES = ("down", "drain", "drng", "fail", "inval", "maint", "npc", "unk", "no_respond")
-
-
-def multinode_argv(argv: list[str]) -> list[str]:
-    """`accelerate launch ...` with each node's rank and the rendezvous address taken from the environment.
-
-    The config file holds num_machines/num_processes; the per-node values can only be known on the node, so they
-    are flags that expand ${RUNNER_NODE_RANK}, ${RUNNER_MASTER_ADDR} and ${RUNNER_MASTER_PORT} at launch.
-    """
-    if argv[:2] != ["accelerate", "launch"] or "--machine_rank" in argv:
-        return list(argv)
-    flags = [
-        "--machine_rank",
-        f"${{{RANK_ENV}}}",
-        "--main_process_ip",
-        f"${{{ADDR_ENV}}}",
-        "--main_process_port",
-        f"${{{PORT_ENV}}}",
-    ]
-    return argv[:2] + flags + argv[2:]
 
 
 def time_limit_s(limit: str | None) -> int | None:
@@ -232,23 +209,6 @@ def preflight(plan: Plan, nodes: list[SlurmNode]) -> None:
     )
 
 
-def multinode_entrypoint(plan: Plan, containerised: bool) -> str | None:
-    """entrypoint.sh with the multi-node launch flags, when the generic plan did not add them already."""
-    argv = multinode_argv(plan.argv)
-    if plan.resources.nodes <= 1 or argv == plan.argv:
-        return None
-    from runner.plan import render_template
-
-    return render_template(
-        "entrypoint.sh.j2",
-        name=plan.name,
-        kind=plan.kind,
-        backend=plan.backend,
-        containerised=containerised,
-        argv=argv,
-    )
-
-
 class SlurmHandle:
     def __init__(self, backend: SlurmBackend, run: Run, job_id: str, attach: bool, log_offset: int):
         self.backend = backend
@@ -303,7 +263,7 @@ class SlurmBackend:
     name = "slurm"
 
     def render_files(self, plan: Plan) -> dict[str, str]:
-        from runner.plan import render_template
+        from runner.templating import render_template
 
         res = plan.resources
         runtime = getattr(res, "slurm_container", "none")
@@ -347,9 +307,6 @@ class SlurmBackend:
                 exit_cancelled=EXIT_CANCELLED,
             )
         }
-        entry = multinode_entrypoint(plan, containerised=False)
-        if entry is not None:
-            files["entrypoint.sh"] = entry
         return files
 
     def check(self, plan: Plan) -> None:
@@ -366,7 +323,7 @@ class SlurmBackend:
             raise EnvironmentProblem(f"Slurm refuses the job: {_first_line(cp.stderr)} (sbatch --test-only)")
 
     def start(self, plan: Plan, run: Run, attach: bool = True) -> SlurmHandle:
-        from runner.runs import runner_home
+        from runner.paths import runner_home
 
         script = run.plan_dir / "sbatch.sh"
         if not script.exists():

@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-# kind -> module under runner.workloads exposing `run(job, run_dir) -> int`
-WORKLOADS = {
-    "prepare": "runner.workloads.data",
-    "train": "runner.workloads.train",
-    "eval": "runner.workloads.evaluate",
-    "serve": "runner.workloads.serve",
-    "tournament": "runner.workloads.tournament",
+# job kind -> its recipe, a module exposing `run(job, run_dir) -> int`; imported only for the kind that runs.
+RECIPES = {
+    "prepare": "runner.workloads.recipes.prepare",
+    "train": "runner.workloads.recipes.train",
+    "eval": "runner.workloads.recipes.eval",
+    "serve": "runner.workloads.recipes.serve",
+    "tournament": "runner.workloads.recipes.tournament",
 }
 
 
@@ -36,9 +36,9 @@ def main() -> int:
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
-    module = WORKLOADS.get(job.kind)
+    module = RECIPES.get(job.kind)
     if module is None:
-        print(f"error: no workload for kind {job.kind!r}", file=sys.stderr)
+        print(f"error: no recipe for kind {job.kind!r}", file=sys.stderr)
         return 2
     return int(importlib.import_module(module).run(job, run_dir) or 0)
 

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from runner.workloads.packed_attention import Packed, packed_forward, packed_ready
-from runner.workloads.prompts import LETTERS, answer_text, format_prompt, strip_choice_prefix
+from runner.workloads.model.packed_attention import Packed, packed_forward, packed_ready
+from runner.workloads.scoring.prompts import LETTERS, answer_text, format_prompt, strip_choice_prefix
 
 Padding = Literal["auto", "right", "left", "packed"]
 # Config attributes that mean the logits are not `lm_head(hidden)`: those models take the full forward.

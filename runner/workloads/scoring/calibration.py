@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from runner.workloads.prompts import LETTERS
+from runner.workloads.scoring.prompts import LETTERS
 
 ScoreFn = Callable[[Sequence[Any]], torch.Tensor]
 

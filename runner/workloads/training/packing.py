@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from runner.workloads.packed_attention import Packed, packed_forward, packed_ready, varlen_available
-from runner.workloads.prompts import answer_text, format_prompt
+from runner.workloads.model.packed_attention import Packed, packed_forward, packed_ready, varlen_available
+from runner.workloads.scoring.prompts import answer_text, format_prompt
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""The two tournament agents: AnswerAgent (single-pass letter scoring under a deadline) and QuestionAgent
-(bank / procedural / model-written questions, every one through the format filter before it leaves).
-"""
+"""QuestionAgent: writes tournament questions from a bank, the procedural generators or a model, filtered by
+the format rules."""
 
 from __future__ import annotations
 
@@ -10,169 +9,21 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from runner.workloads import procedural
-from runner.workloads.format_filter import (
+from runner.workloads.agents import procedural
+from runner.workloads.agents.answer import AnswerAgent, AnswerItem
+from runner.workloads.agents.format_filter import (
     FormatLimits,
     TokenCounter,
     approx_token_count,
     check_question,
 )
-from runner.workloads.packed_attention import enable_packed_scoring
-from runner.workloads.prompts import LETTERS, strip_choice_prefix
-from runner.workloads.scoring import score_mcq
+from runner.workloads.scoring.prompts import LETTERS
 
 SOURCES = ("bank", "procedural", "model")
-
-
-MAX_DEADLINE_S = 120.0  # the longest deadline one answer request may ask for
-
-
-def rank_choices(p: Sequence[float]) -> list[int]:
-    """Choice indices, most probable first; ties go to the earlier letter."""
-    return sorted(range(len(p)), key=lambda j: -p[j])  # stable
-
-
-@dataclass
-class AnswerItem:
-    """One question to answer: plain choice texts (any 'A) ' prefixes removed)."""
-
-    question: str
-    choices: list[str]
-
-
-def parse_answer_request(d: Any) -> AnswerItem:
-    """Validate `{"question", "choices"}`; ValueError with the reason when malformed."""
-    if not isinstance(d, dict):
-        raise ValueError("expected a JSON object with 'question' and 'choices'")
-    q, choices = d.get("question"), d.get("choices")
-    if not isinstance(q, str) or not q.strip():
-        raise ValueError("'question' must be a non-empty string")
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise ValueError("'choices' must be a list of strings")
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise ValueError(f"'choices' needs 2-{len(LETTERS)} entries, got {len(choices)}")
-    plain = [strip_choice_prefix(c) for c in choices]
-    if any(not c for c in plain):
-        raise ValueError("every choice needs text")
-    return AnswerItem(q.strip(), plain)
-
-
-def _short(text: str, words: int = 12) -> str:
-    w = text.split()
-    return " ".join(w[:words]) + (" ..." if len(w) > words else "")
-
-
-class AnswerAgent:
-    """Answers MCQs by reading the choice-letter probabilities of one forward pass per question.
-
-    `members` is one (model, tokenizer) pair or several (an ensemble, probabilities averaged). With
-    `permutations` > 0 each member also scores cyclic shifts of the choices and the probabilities are mapped
-    back and averaged, which cancels a model's preference for a letter. Passes run one after another until
-    the deadline would be missed; the answer then uses every pass completed so far.
-    """
-
-    def __init__(
-        self,
-        members: Sequence[tuple[Any, Any]],
-        *,
-        permutations: int = 0,
-        deadline_s: float = 6.0,
-        batch_size: int = 32,
-        reasoning: bool = True,
-    ) -> None:
-        if not members:
-            raise ValueError("an answer agent needs at least one model")
-        self.members = list(members)
-        self.permutations = permutations
-        self.deadline_s = deadline_s
-        self.batch_size = batch_size
-        self.reasoning = reasoning
-        self._pass_seconds: float | None = None
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.members[0][1]
-
-    def probabilities(self, items: Sequence[AnswerItem], deadline: float | None = None) -> tuple[torch.Tensor, int]:
-        """Averaged letter probabilities [n, 10] and the number of passes they come from (0: none in time)."""
-        n = len(items)
-        total = torch.zeros(n, len(LETTERS))
-        passes = 0
-        plan = [(m, s) for s in range(self.permutations + 1) for m in self.members]
-        for (model, tok), shift in plan:
-            now = time.monotonic()
-            if deadline is not None and passes > 0:
-                est = self._pass_seconds or 0.0
-                if now + est > deadline:
-                    break
-            if deadline is not None and now >= deadline:
-                break
-            shifted = [AnswerItem(it.question, it.choices[shift % len(it.choices):] + it.choices[: shift % len(it.choices)])
-                       for it in items]
-            t0 = time.monotonic()
-            probs = score_mcq(model, tok, shifted, batch_size=self.batch_size)
-            dt = time.monotonic() - t0
-            self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
-            if shift == 0:
-                total += probs.float()
-            else:
-                for r, it in enumerate(items):
-                    k = len(it.choices)
-                    s = shift % k
-                    # shifted letter j shows original choice (j + s) % k
-                    idx = torch.tensor([(j + s) % k for j in range(k)])
-                    total[r].index_add_(0, idx, probs[r, :k].float())
-            passes += 1
-        if passes:
-            total /= passes
-        return total, passes
-
-    def fallback(self, item: AnswerItem, why: str = "no time to score") -> dict[str, Any]:
-        """An answer without the model: the longest choice (a weak but better-than-chance prior)."""
-        i = max(range(len(item.choices)), key=lambda j: (len(item.choices[j]), -j))
-        return {
-            "answer": LETTERS[i],
-            "reasoning": f"{why}; answered with the most detailed choice, {LETTERS[i]}.",
-            "confidence": round(1.0 / len(item.choices), 4),
-        }
-
-    def answer_many(self, items: Sequence[AnswerItem], deadline: float | None = None) -> list[dict[str, Any]]:
-        """One answer per item; `deadline` is a time.monotonic() instant (default: now + deadline_s)."""
-        if not items:
-            return []
-        if deadline is None:
-            deadline = time.monotonic() + self.deadline_s
-        probs, passes = self.probabilities(items, deadline)
-        if passes == 0:
-            return [self.fallback(it) for it in items]
-        out = []
-        for row, it in zip(probs.tolist(), items, strict=True):
-            p = row[: len(it.choices)]
-            order = rank_choices(p)
-            best = order[0]
-            ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(p[best], 4)}
-            if self.reasoning:
-                text = f"{LETTERS[best]}) {_short(it.choices[best])} is the most likely choice ({p[best]:.0%})"
-                if len(order) > 1:
-                    text += f"; next is {LETTERS[order[1]]} ({p[order[1]]:.0%})"
-                ans["reasoning"] = text + "."
-            else:
-                ans["reasoning"] = ""
-            out.append(ans)
-        return out
-
-    def answer(self, question: str, choices: Sequence[str], deadline_s: float | None = None) -> dict[str, Any]:
-        item = parse_answer_request({"question": question, "choices": list(choices)})
-        limit = self.deadline_s if deadline_s is None else deadline_s
-        return self.answer_many([item], time.monotonic() + limit)[0]
-
-
-# --- questions -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -194,6 +45,8 @@ _Q_BLOCK = re.compile(
     r"\s*D\)\s*(?P<d>.+?)\s*\n\s*Answer:\s*(?P<ans>[A-D])\b(?:\s*\n\s*Explanation:\s*(?P<e>[^\n]+))?",
     re.S,
 )
+
+
 _WRITER_EXAMPLE = (
     "Topic: {topic}\nQuestion: Five people J, K, L, M and N sit in a row facing north. K sits at the left end. "
     "M sits immediately to the right of K. Who sits second from the left end?\nA) J\nB) M\nC) N\nD) L\n"
@@ -396,64 +249,3 @@ class QuestionAgent:
             return False  # an unchecked model-written key is exactly what the judge invalidates
         a = self.answer_agent.answer(q["question"], q["choices"])
         return bool(a["answer"] == q["answer"])
-
-
-
-# --- loading ---------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str = "auto") -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def find_adapter(path: Path) -> Path:
-    """An adapter directory from an adapter, checkpoint or run directory (a run: its latest checkpoint)."""
-    if (path / "adapter_config.json").is_file():
-        return path
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
-    steps = sorted((path / "checkpoints").glob("step-*/adapter/adapter_config.json"))
-    if steps:
-        return steps[-1].parent
-    raise FileNotFoundError(
-        f"adapter {path}: no adapter_config.json there, in {path}/adapter/ or in {path}/checkpoints/step-*/adapter/; "
-        "point `adapter` at a run directory, a checkpoint, or an adapter directory"
-    )
-
-
-def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any, Any, str]:
-    """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
-    the job-local model (+ adapter). The model is for inference only: it may take the packed scoring path."""
-    model, tok, desc = _load_source(source, device, log)
-    enable_packed_scoring(model, device)
-    return model, tok, desc
-
-
-def _load_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:
-    if source.registry is not None:
-        from runner.registry import IntegrityError, RegistryError
-        from runner.workloads.artifact import load_artifact
-
-        try:
-            model, tok, manifest = load_artifact(source.registry, device)
-            return model, tok, f"{manifest.get('name', source.registry)}:v{manifest.get('version', '?')}"
-        except IntegrityError:
-            raise  # a modified artifact is refused, never silently replaced by another model
-        except RegistryError as e:
-            if source.model is None:
-                raise
-            log(f"registry {source.registry} not used ({e}); using the job-local model {source.model.base}")
-    if source.model is None:
-        raise ValueError("no model: give `model` or `registry`")
-    from runner.workloads.modeling import load_adapter, load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(source.model, device, log=log)
-    desc = str(source.model.base)
-    if source.adapter is not None:
-        adapter = find_adapter(Path(source.adapter))
-        model = load_adapter(model, adapter, trainable=False)
-        model.eval()
-        desc += f" + {adapter}"
-    return model, tok, desc

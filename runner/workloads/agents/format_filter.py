@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from runner.workloads.prompts import LETTERS
+from runner.workloads.scoring.prompts import LETTERS
 
 QUESTION_FIELDS = ("topic", "question", "choices", "answer", "explanation")
 ANSWER_FIELDS = ("answer", "reasoning")

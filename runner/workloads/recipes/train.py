@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -28,12 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.runs import atomic_write
-from runner.workloads.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
-from runner.workloads.data import MCQ, DataError, dedupe, load_sources, train_val_records
-from runner.workloads.modeling import attach_lora, base_model_path, load_model_and_tokenizer, runner_cache
-from runner.workloads.packed_attention import enable_packed_attention, varlen_available
-from runner.workloads.packing import (
+from runner.files import atomic_write, fsync_dir, fsync_tree
+from runner.paths import runner_cache
+from runner.workloads.data.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
+from runner.workloads.data.records import MCQ, DataError
+from runner.workloads.data.sets import dedupe, load_sources, train_val_records
+from runner.workloads.model.loading import attach_lora, base_model_path, load_model_and_tokenizer
+from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
+from runner.workloads.scoring.scorer import score_mcq
+from runner.workloads.training.checkpoints import complete_checkpoints, rng_state, set_rng_state
+from runner.workloads.training.packing import (
     Example,
     answer_loss_sum,
     collate_packed,
@@ -42,120 +45,13 @@ from runner.workloads.packing import (
     per_token_losses,
     varlen_training,
 )
-from runner.workloads.scoring import score_mcq
+from runner.workloads.training.progress import Metrics, ProgressView, _null, peak_flops
+from runner.workloads.training.schedule import lr_lambda
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
 EXIT_CANCELLED = 130
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (override with RUNNER_PEAK_TFLOPS).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "MI300X": 1307.0, "MI250X": 383.0}
 
 
 # --- small helpers -------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Appends one JSON object per line to metrics.jsonl (and TensorBoard scalars when asked)."""
-
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
-        self.path = path
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                print("warning: logging.tensorboard is on but tensorboard is not installed", file=sys.stderr)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{row['split']}/{k}", v, row["step"])
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines written after the checkpoint (they will be written again)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def lr_lambda(spec: Any) -> Any:
-    warm, total, kind = spec.warmup_steps, spec.steps, spec.scheduler
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        p = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - p if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
-
-    return f
-
-
-def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first. Temp directories (torn writes) never count."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = []
-    for p in ckpt_dir.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and (p / "trainer_state.json").exists():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if os.environ.get("RUNNER_PEAK_TFLOPS"):
-        return float(os.environ["RUNNER_PEAK_TFLOPS"]) * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).upper()
-    for key, tf in PEAK_TFLOPS.items():
-        if key in name:
-            return tf * 1e12
-    return None
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -334,16 +230,14 @@ class Trainer:
         if vp is not None and vp["step"] == step:
             (tmp / "val_predictions.json").write_text(json.dumps(vp) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")  # written last
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = self.ckpt_dir / name
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         self._point_best()
         self._retain()
-        fd = os.open(self.ckpt_dir, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        fsync_dir(self.ckpt_dir)
 
     def _rank_suffix(self) -> str:
         return "" if self.acc.num_processes == 1 else f".rank{self.acc.process_index}"
@@ -581,47 +475,6 @@ class Trainer:
             row["gpu_mem_gb"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 2)
             row["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return row
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-
-class ProgressView:
-    """A rich progress bar (loss, accuracy, tokens/s) when stdout is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.live = enabled and sys.stdout.isatty()
-        self.total, self.start = total, start
-        self.fields: dict[str, Any] = {"loss": float("nan"), "acc": float("nan"), "tps": 0.0}
-
-    def __enter__(self) -> ProgressView:
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.1%}  {task.fields[tps]:.0f} tok/s"),
-                TimeRemainingColumn(),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.start, **self.fields)
-        return self
-
-    def update(self, step: int, **fields: Any) -> None:
-        if self.live:
-            self.fields.update(fields)
-            self.bar.update(self.task, completed=step, **self.fields)
-
-    def __exit__(self, *a: object) -> None:
-        if self.live:
-            self.bar.stop()
 
 
 def _quiet_libraries() -> None:

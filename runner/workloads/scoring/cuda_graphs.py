@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from runner.workloads.scoring import fast_path_parts
+from runner.workloads.scoring.scorer import fast_path_parts
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 TOKEN_BUCKETS = (64, 128, 192, 256, 384, 512)

@@ -1,17 +1,15 @@
-"""Model and tokenizer loading: a Hugging Face id, a local directory, or `tiny` — a small Qwen2 model and a
-byte-level BPE tokenizer built offline, pretrained once and cached under $RUNNER_CACHE/tiny/<settings hash>/.
-LoRA attach via PEFT.
+"""Recipe: build the offline `tiny` base — train its byte-level BPE tokenizer, pretrain the model, cache both.
 
-The tiny base's pretraining (full-parameter) mixes two things, like a real base model: facts about every
-built-in topic ("A rivet is a fastener.", loss on the category) and MCQ answering for the topics in
-`builtin_data.BASE_TOPICS` only. A LoRA adapter on the other topics then has knowledge to build on and a
-format to learn, and learns it in a minute on a CPU; from a random base it learns nothing.
+The pretraining (full-parameter) mixes two things, like a real base model: facts about every built-in topic
+("A rivet is a fastener.", loss on the category) and MCQ answering for the topics in `data.builtin.BASE_TOPICS`
+only. A LoRA adapter on the other topics then has knowledge to build on and a format to learn, and learns it in a
+minute on a CPU; from a random base it learns nothing. Model loading runs `build` when a job names a tiny base
+that is not cached yet; `python -m runner.workloads.recipes.pretrain_tiny` builds the default one.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -24,30 +22,18 @@ from typing import Any
 
 import torch
 
-from runner.spec.models import LoraSpec, ModelSpec, TinyModel
-from runner.workloads.prompts import LETTERS, answer_text, format_prompt
-
-TINY_VERSION = "tiny-v2"  # bump when the tokenizer, architecture or pretraining recipe changes
-TINY_VOCAB = 4096
-PRETRAIN_BATCH = 64
-PRETRAIN_LR = 3e-3
-FACTS_PER_STEP = 32  # knowledge sentences per pretraining step, next to the 64 MCQs
-
-
-def runner_cache() -> Path:
-    if os.environ.get("RUNNER_CACHE"):
-        return Path(os.environ["RUNNER_CACHE"])
-    return Path(os.environ.get("RUNNER_HOME", ".runner")) / "cache"
-
-
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    dev = torch.device(device)
-    if name == "auto":
-        return torch.bfloat16 if dev.type in ("cuda", "xpu") else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-# --- the offline tiny model ----------------------------------------------------------------------------
+from runner.files import fsync_dir
+from runner.paths import runner_cache
+from runner.spec.models import ModelSpec, TinyModel
+from runner.workloads.model.tiny import (
+    FACTS_PER_STEP,
+    PRETRAIN_BATCH,
+    PRETRAIN_LR,
+    TINY_VOCAB,
+    build_tiny_model,
+    tiny_settings_hash,
+)
+from runner.workloads.scoring.prompts import LETTERS, answer_text, format_prompt
 
 
 def build_tiny_tokenizer() -> Any:
@@ -55,7 +41,7 @@ def build_tiny_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from runner.workloads.builtin_data import categories, corpus_text
+    from runner.workloads.data.builtin import categories, corpus_text
 
     texts = [corpus_text()]
     for rec in categories(per_topic=60, seed=12345):
@@ -80,45 +66,11 @@ def build_tiny_tokenizer() -> Any:
     return fast
 
 
-def build_tiny_model(tiny: TinyModel, vocab_size: int, pad_id: int, attn: str = "sdpa") -> Any:
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    kv = tiny.heads // 2 if tiny.heads % 2 == 0 else tiny.heads
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.hidden_size * 4,
-        num_hidden_layers=tiny.layers,
-        num_attention_heads=tiny.heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=pad_id,
-        eos_token_id=pad_id - 1,
-        bos_token_id=None,
-    )
-    cfg._attn_implementation = attn
-    torch.manual_seed(tiny.seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-
-
-def tiny_settings_hash(tiny: TinyModel) -> str:
-    d = {
-        "version": TINY_VERSION,
-        "vocab": TINY_VOCAB,
-        "batch": PRETRAIN_BATCH,
-        "facts": FACTS_PER_STEP,
-        "lr": PRETRAIN_LR,
-        **tiny.model_dump(),
-    }
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def knowledge_examples(tokenizer: Any) -> list[Any]:
     """'A rivet is a fastener.' for every word of every topic, loss on the category: the base knows the facts
     of all topics, but answers MCQs only for the base topics."""
-    from runner.workloads.builtin_data import TOPICS, _article
-    from runner.workloads.packing import Example
+    from runner.workloads.data.builtin import TOPICS, _article
+    from runner.workloads.training.packing import Example
 
     out = []
     for cats in TOPICS.values():
@@ -133,10 +85,10 @@ def knowledge_examples(tokenizer: Any) -> list[Any]:
 def pretrain_tiny(model: Any, tokenizer: Any, tiny: TinyModel, log: Any = print) -> dict[str, Any]:
     """Full-parameter training on the MCQ format for the base topics: the base must know something for LoRA
     to build on. Returns facts for the cache's pretrain.json."""
-    from runner.workloads.builtin_data import BASE_TOPICS, categories
-    from runner.workloads.data import MCQ
-    from runner.workloads.packing import answer_loss_sum, collate_packed, encode_mcq, pack_rows
-    from runner.workloads.scoring import score_mcq
+    from runner.workloads.data.builtin import BASE_TOPICS, categories
+    from runner.workloads.data.records import MCQ
+    from runner.workloads.scoring.scorer import score_mcq
+    from runner.workloads.training.packing import answer_loss_sum, collate_packed, encode_mcq, pack_rows
 
     if tiny.pretrain_steps == 0:
         return {"steps": 0}
@@ -188,14 +140,6 @@ def pretrain_tiny(model: Any, tokenizer: Any, tiny: TinyModel, log: Any = print)
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ensure_tiny_base(tiny: TinyModel, cache_dir: Path | None = None, log: Any = print) -> Path:
     """The cached tiny base directory (model + tokenizer), building it on first use.
 
@@ -227,11 +171,11 @@ def ensure_tiny_base(tiny: TinyModel, cache_dir: Path | None = None, log: Any = 
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a directory without pretrain.json: left by an older, interrupted layout
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if facts.get("steps"):
             log(
                 f"tiny base ready: {facts['steps']} pretraining steps in {facts['seconds']} s, "
@@ -240,73 +184,11 @@ def ensure_tiny_base(tiny: TinyModel, cache_dir: Path | None = None, log: Any = 
         return final
 
 
-# --- loading -------------------------------------------------------------------------------------------
+def build(model_spec: ModelSpec, cache_dir: Path | None = None, log: Any = print) -> Path:
+    """The entry point model loading calls (see `model.loading.OFFLINE_BASES`)."""
+    return ensure_tiny_base(model_spec.tiny, cache_dir, log)
 
 
-def base_model_path(model_spec: ModelSpec, cache_dir: Path | None = None, log: Any = print) -> str:
-    """Where the base weights come from: the tiny cache directory, a local directory, or a Hub id."""
-    if model_spec.base == "tiny":
-        return str(ensure_tiny_base(model_spec.tiny, cache_dir, log))
-    return model_spec.base
-
-
-def load_model_and_tokenizer(
-    model_spec: ModelSpec, device: torch.device | str = "cpu", cache_dir: Path | None = None, log: Any = print
-) -> tuple[Any, Any]:
-    """Base model (eval mode, on `device`) and its tokenizer; the tokenizer gets a pad token if it has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = base_model_path(model_spec, cache_dir, log)
-    local = Path(path).is_dir()
-    if not local and model_spec.base != "tiny" and ("/" not in path or path.startswith((".", "/"))):
-        raise FileNotFoundError(f"model.base {path!r}: no such directory, and it does not look like a Hub id")
-    kw: dict[str, Any] = {}
-    if model_spec.revision and not local:
-        kw["revision"] = model_spec.revision
-    hf_cache = None if local else str((cache_dir or runner_cache()) / "hf")
-    tok = AutoTokenizer.from_pretrained(path, cache_dir=hf_cache, **kw)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    dtype = resolve_dtype(model_spec.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=model_spec.attn_implementation, cache_dir=hf_cache, **kw
-    )
-    model.to(device)
-    model.eval()
-    if model_spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return model, tok
-
-
-def attach_lora(model: Any, lora: LoraSpec) -> Any:
-    """Wrap the base in a PEFT LoRA model; only the adapter's weights require grad."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
-
-
-def load_adapter(model: Any, adapter_dir: Path, trainable: bool = True) -> Any:
-    """Base model + a saved adapter (a checkpoint's `adapter/`)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-
-
-def count_params(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
-if __name__ == "__main__":  # build the tiny base: python -m runner.workloads.modeling
-    path = ensure_tiny_base(TinyModel())
-    print(path)
+if __name__ == "__main__":
+    print(ensure_tiny_base(TinyModel()))
     sys.exit(0)

@@ -8,32 +8,23 @@ optionally the letter-prior bias and cyclic-permutation debiasing, and an lm-eva
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from runner.runs import atomic_write
-from runner.stats import wilson_interval
-from runner.workloads.calibration import (
-    brier_score,
-    cyclic_debias,
-    expected_calibration_error,
-    letter_bias,
-    nll,
-    prediction_shares,
-    reliability_bins,
-)
-from runner.workloads.packed_attention import enable_packed_scoring
-from runner.workloads.prompts import LETTERS
-from runner.workloads.scoring import compile_decoder_layers, score_mcq, score_mcq_per_choice
+from runner.workloads.model.packed_attention import enable_packed_scoring
+from runner.workloads.scoring.calibration import cyclic_debias, letter_bias
+from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.scoring.report import write_outputs
+from runner.workloads.scoring.scorer import compile_decoder_layers, score_mcq, score_mcq_per_choice
+from runner.workloads.scoring.summary import ensemble, predictions, summarize, vote_probs
 
 
 class EvalError(Exception):
@@ -41,84 +32,6 @@ class EvalError(Exception):
 
 
 # --- metrics -------------------------------------------------------------------------------------------
-
-
-def _breakdown(records: Sequence[Any], correct: torch.Tensor, attr: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[str(getattr(r, attr, "") or "unknown")].append(i)
-    return {
-        k: {"n": len(ix), "accuracy": float(correct[ix].mean())}
-        for k, ix in sorted(groups.items(), key=lambda kv: kv[0])
-    }
-
-
-def summarize(records: Sequence[Any], probs: torch.Tensor, bins: int = 15) -> dict[str, Any]:
-    """Accuracy overall and by topic/source/difficulty, n, ECE, Brier, NLL and mean confidence."""
-    gold = torch.tensor([LETTERS.index(r.answer) for r in records], dtype=torch.long)
-    pred = probs.argmax(-1)
-    correct = (pred == gold).float()
-    n = len(records)
-    return {
-        "n": n,
-        "correct": int(correct.sum()),
-        "accuracy": float(correct.mean()) if n else 0.0,
-        "accuracy_ci95": list(wilson_interval(int(correct.sum()), n)),
-        "ece": expected_calibration_error(probs, gold, bins),
-        "brier": brier_score(probs, gold),
-        "nll": nll(probs, gold),
-        "mean_confidence": float(probs.max(-1).values.mean()) if n else 0.0,
-        "by_difficulty": _breakdown(records, correct, "difficulty"),
-        "by_topic": _breakdown(records, correct, "topic"),
-        "by_source": _breakdown(records, correct, "source"),
-        "prediction_shares": prediction_shares(probs, gold, [len(r.choices) for r in records]),
-        "reliability": reliability_bins(probs, gold, bins),
-    }
-
-
-def predictions(records: Sequence[Any], probs: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
-    """Per-question rows: id, gold, prediction, correctness, confidence and the letter probabilities."""
-    pred = probs.argmax(-1).tolist()
-    rows = []
-    for i, r in enumerate(records):
-        k = len(r.choices)
-        row: dict[str, Any] = {
-            "id": r.id,
-            "answer": r.answer,
-            "pred": LETTERS[pred[i]],
-            "correct": LETTERS[pred[i]] == r.answer,
-            "confidence": round(float(probs[i, pred[i]]), 6),
-            "probs": {LETTERS[j]: round(float(probs[i, j]), 6) for j in range(k)},
-            "topic": getattr(r, "topic", None),
-            "source": getattr(r, "source", None),
-            "difficulty": getattr(r, "difficulty", None),
-        }
-        for name, t in (extra or {}).items():
-            row[name] = LETTERS[int(t[i])] if t.ndim == 1 else {LETTERS[j]: round(float(t[i, j]), 6) for j in range(k)}
-        rows.append(row)
-    return rows
-
-
-def ensemble(member_probs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean probabilities, majority-vote prediction); a tied vote goes to the tied letter with the higher mean."""
-    stacked = torch.stack([p.float() for p in member_probs])  # [m, n, 10]
-    mean = stacked.mean(0)
-    votes = torch.zeros_like(mean).scatter_add_(
-        1, stacked.argmax(-1).T.contiguous(), torch.ones(mean.shape[0], stacked.shape[0])
-    )
-    # Among the letters with the most votes, the highest mean probability wins (it is < 1, votes are integers).
-    vote = (votes + mean * (votes == votes.max(-1, keepdim=True).values)).argmax(-1)
-    return mean, vote
-
-
-def vote_probs(vote: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Probabilities that put the vote's letter on top: the mean, with the winner's mass swapped in front."""
-    out = mean.clone()
-    top = mean.argmax(-1)
-    rows = torch.arange(mean.shape[0])
-    w, t = out[rows, vote].clone(), out[rows, top].clone()
-    out[rows, vote], out[rows, top] = t, w
-    return out
 
 
 # --- targets -------------------------------------------------------------------------------------------
@@ -134,7 +47,7 @@ def _adapter_dir(checkpoint: Path) -> Path:
 def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, what it is) for one eval target."""
     from runner.spec.models import ModelSpec
-    from runner.workloads.modeling import load_adapter, load_model_and_tokenizer
+    from runner.workloads.model.loading import load_adapter, load_model_and_tokenizer
 
     if member.model is not None:
         model, tok = load_model_and_tokenizer(member.model, device, log=log)
@@ -161,7 +74,7 @@ def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, d
             member.checkpoint, "checkpoint_path": os.path.realpath(ck), "base": spec.base,
         }
     from runner.registry import RegistryError
-    from runner.workloads.artifact import load_artifact
+    from runner.workloads.model.artifact import load_artifact
 
     try:
         model, tok, manifest = load_artifact(member.registry, device)
@@ -187,7 +100,8 @@ def member_label(member: Any, info: dict[str, Any], i: int) -> str:
 
 
 def load_records(spec: Any) -> list[Any]:
-    from runner.workloads.data import DataError, load_sources, subsample
+    from runner.workloads.data.records import DataError
+    from runner.workloads.data.sets import load_sources, subsample
 
     try:
         records = load_sources(spec.data, seed=spec.seed, base_dir=Path.cwd())
@@ -357,118 +271,6 @@ def evaluate(spec: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
 
 
 # --- outputs -------------------------------------------------------------------------------------------
-
-
-def reliability_png(out: dict[str, Any], path: Path) -> None:
-    """Reliability diagram (accuracy against confidence per bin) with the confidence histogram beneath."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = [(out.get("label", "model"), out["reliability"])]
-    curves += [(m["label"], m["reliability"]) for m in out.get("members", [])]
-    fig, (ax, hx) = plt.subplots(2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    main = curves[0][1]
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in main], [b["accuracy"] for b in main],
-           width=[b["hi"] - b["lo"] for b in main], alpha=0.35, edgecolor="k", label=f"{curves[0][0]} (bins)")
-    for label, bins in curves:
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", ms=3, label=label)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability: ECE {out['ece']:.3f}, accuracy {out['accuracy']:.1%} (n={out['n']})")
-    ax.legend(fontsize=7, loc="upper left")
-    hx.bar([(b["lo"] + b["hi"]) / 2 for b in main], [b["n"] for b in main],
-           width=[b["hi"] - b["lo"] for b in main], color="C0", edgecolor="k")
-    hx.set_xlabel("confidence (top letter probability)")
-    hx.set_ylabel("questions")
-    hx.set_xlim(0, 1)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def report_md(out: dict[str, Any]) -> str:
-    lo, hi = out["accuracy_ci95"]
-    lines = [
-        f"# Eval: {out['job']}",
-        "",
-        f"**{out['label']}** on {out['n']} questions (`{out['eval_set']}`), method `{out['method']}`, "
-        f"device {out['device']}, {out['seconds']} s.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| accuracy | {_pct(out['accuracy'])} ({out['correct']}/{out['n']}; 95% CI {_pct(lo)}-{_pct(hi)}) |",
-        f"| ECE | {out['ece']:.4f} |",
-        f"| Brier | {out['brier']:.4f} |",
-        f"| NLL | {out['nll']:.4f} |",
-        f"| mean confidence | {out['mean_confidence']:.4f} |",
-    ]
-    if "timing" in out and out["timing"].get("questions_per_s"):
-        lines.append(f"| questions/s | {out['timing']['questions_per_s']} |")
-    lines += ["", "![reliability diagram](reliability.png)", ""]
-    for title, key in (("difficulty", "by_difficulty"), ("source", "by_source"), ("topic", "by_topic")):
-        rows = out.get(key) or {}
-        if not rows:
-            continue
-        lines += [f"## By {title}", "", f"| {title} | n | accuracy |", "|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} |" for k, v in rows.items()]
-        lines.append("")
-    shares = out.get("prediction_shares") or {}
-    if shares:
-        lines += ["## Letters predicted vs answers", "", "| letter | predicted | gold |", "|---|---|---|"]
-        lines += [f"| {k} | {_pct(v['predicted'])} | {_pct(v['gold'])} |" for k, v in shares.items()]
-        lines.append("")
-    sections = [out] + list(out.get("members", []))
-    for sec in sections:
-        who = "" if sec is out else f" ({sec['label']})"
-        if "letter_bias" in sec:
-            lb = sec["letter_bias"]
-            lines += [f"## Letter-prior bias{who}", "", "Accuracy with the gold answer moved to each position:", "",
-                      "| position | n | accuracy |", "|---|---|---|"]
-            lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} |" for k, v in lb["accuracy_by_position"].items()]
-            lines += ["", f"Spread (best - worst position): {_pct(lb['spread'])}; cost {lb['cost']['passes']} passes, "
-                      f"{lb['cost']['questions_scored']} questions scored, {lb['cost']['seconds']} s.", ""]
-        if "debias" in sec:
-            d = sec["debias"]
-            lines += [f"## Permutation debiasing{who}", "",
-                      f"Cyclic shifts: accuracy {_pct(d['plain_accuracy'])} plain -> {_pct(sec['accuracy'])} debiased; "
-                      f"cost {d['cost']['passes']} passes, {d['cost']['questions_scored']} questions scored, "
-                      f"{d['cost']['seconds']} s.", ""]
-        if "cross_check" in sec:
-            c = sec["cross_check"]
-            lines += [f"## Cross-check: per-choice log-likelihood{who}", "",
-                      f"Agreement with the letters method: {_pct(c['agreement'])}; per-choice accuracy "
-                      f"{_pct(c['per_choice']['accuracy'])}; the letters method was {c['speedup_vs_per_choice']}x faster.", ""]
-    if "members" in out:
-        e = out["ensemble"]
-        lines += ["## Ensemble members", "", "| member | accuracy | ECE | Brier |", "|---|---|---|---|"]
-        lines += [f"| {m['label']} | {_pct(m['accuracy'])} | {m['ece']:.4f} | {m['brier']:.4f} |" for m in out["members"]]
-        lines += [f"| **mean of probabilities** | {_pct(e['mean']['accuracy'])} | {e['mean']['ece']:.4f} | {e['mean']['brier']:.4f} |",
-                  f"| **majority vote** | {_pct(e['vote']['accuracy'])} | {e['vote']['ece']:.4f} | {e['vote']['brier']:.4f} |",
-                  "", f"All members agree on {_pct(e['members_agree'])} of the questions; at least one is right on "
-                  f"{_pct(e['oracle_accuracy'])}.", ""]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: dict[str, Any], run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "eval.json", json.dumps(out, indent=1) + "\n")
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": 0, "split": "eval", "accuracy": out["accuracy"], "n": out["n"],
-                            "ece": out["ece"], "brier": out["brier"], "eval_set": out["eval_set"]}) + "\n")
-    try:
-        reliability_png(out, run_dir / "reliability.png")
-    except ImportError:
-        print("warning: matplotlib is not installed; no reliability diagram", file=sys.stderr)
-    atomic_write(run_dir / "report.md", report_md(out))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -1,0 +1,158 @@
+"""MCQ records and their importers (canonical JSONL, MMLU CSV, ARC/OpenBookQA/CommonsenseQA, tournament JSON),
+deduplication, the stratified train/validation split, and the `prepare` job kind.
+
+Bad rows are never dropped silently: each is reported as `FILE:LINE: reason`. A source with more bad rows than
+`data.max_bad_rows` (default 0) fails the job with the whole list; at or under it they are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.files import atomic_write
+from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
+
+DIFFICULTIES = ("easy", "medium", "hard")
+
+
+@dataclass
+class MCQ:
+    """One multiple-choice question (DESIGN.md's record)."""
+
+    id: str
+    question: str
+    choices: list[str]
+    answer: str  # a letter, "A".."J"
+    topic: str = "general"
+    source: str = ""
+    difficulty: str = "medium"
+    explanation: str | None = None
+
+    @property
+    def answer_index(self) -> int:
+        return LETTERS.index(self.answer)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["explanation"] is None:
+            del d["explanation"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, default_id: str, topic: str | None = None, source: str = "") -> MCQ:
+        """Validate a canonical record dict; raise ValueError with a short reason."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        question = d.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("missing or empty 'question'")
+        choices = d.get("choices")
+        if isinstance(choices, dict):  # {"A": "...", "B": "..."}
+            choices = [choices[k] for k in sorted(choices)]
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ValueError("'choices' must be a list of strings")
+        choices = [strip_choice_prefix(c) for c in choices]
+        return make_mcq(
+            id=str(d.get("id") or default_id),
+            question=question,
+            choices=choices,
+            answer=d.get("answer"),
+            topic=d.get("topic") or topic or "general",
+            source=d.get("source") or source,
+            difficulty=d.get("difficulty") or "medium",
+            explanation=d.get("explanation"),
+        )
+
+
+def make_mcq(
+    *,
+    id: str,
+    question: str,
+    choices: Sequence[str],
+    answer: Any,
+    topic: str,
+    source: str,
+    difficulty: str = "medium",
+    explanation: Any = None,
+) -> MCQ:
+    """Build a checked MCQ: 2-10 non-empty choices, answer a valid letter (or index), known difficulty."""
+    choices = [c.strip() for c in choices]
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"needs 2-{len(LETTERS)} choices, got {len(choices)}")
+    if any(not c for c in choices):
+        raise ValueError("empty choice")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise ValueError(f"answer index {answer} out of range for {len(choices)} choices")
+        letter = LETTERS[answer]
+    elif isinstance(answer, str):
+        m = re.match(r"^\s*\(?([A-Ja-j])\)?(?:[\).:]|\s|$)", answer)
+        if not m:
+            raise ValueError(f"answer {answer!r} is not a letter A-{LETTERS[len(choices) - 1]}")
+        letter = m.group(1).upper()
+    else:
+        raise ValueError("missing 'answer'")
+    if LETTERS.index(letter) >= len(choices):
+        raise ValueError(f"answer {letter} but only {len(choices)} choices")
+    difficulty = str(difficulty).lower()
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
+    if explanation is not None and not isinstance(explanation, str):
+        raise ValueError("'explanation' must be a string")
+    return MCQ(
+        id=id,
+        question=question.strip(),
+        choices=list(choices),
+        answer=letter,
+        topic=str(topic),
+        source=str(source),
+        difficulty=difficulty,
+        explanation=explanation or None,
+    )
+
+
+class DataError(Exception):
+    """Data that cannot be used; str() is a readable list of the problems."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        self.problems = list(problems)
+        shown = self.problems[:50]
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(message + "".join(f"\n  {p}" for p in shown) + more)
+
+
+# --- importers: each reads one file and appends to an ImportResult -------------------------------------
+
+
+# --- dedupe and split ----------------------------------------------------------------------------------
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: Iterable[MCQ]) -> None:
+    buf = io.StringIO()
+    for r in records:
+        buf.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    atomic_write(path, buf.getvalue())
+
+
+def counts(records: Sequence[MCQ]) -> dict[str, Any]:
+    return {
+        "total": len(records),
+        "by_topic": dict(sorted(Counter(r.topic for r in records).items())),
+        "by_source": dict(sorted(Counter(r.source for r in records).items())),
+        "by_difficulty": {d: sum(1 for r in records if r.difficulty == d) for d in DIFFICULTIES},
+    }
+
+
+# --- the `prepare` job kind ----------------------------------------------------------------------------
+
+

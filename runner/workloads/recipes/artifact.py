@@ -1,0 +1,87 @@
+"""Registry steps that need torch, run in the workload environment:
+
+    python -m runner.workloads.recipes.artifact answer REF_OR_DIR --question '{"question": ..., "choices": [...]}'
+    python -m runner.workloads.recipes.artifact answer REF_OR_DIR --mmlu FILE.csv --index N
+    python -m runner.workloads.recipes.artifact merge VERSION_DIR OUT_DIR        (used by `runner promote --merge`)
+    python -m runner.workloads.recipes.artifact bundle-base JOB_YAML OUT_DIR     (used by `runner promote` for `tiny`)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.registry import IntegrityError, RegistryError
+from runner.workloads.model.artifact import bundle_base, load_artifact, merge
+
+
+def answer(model: Any, tokenizer: Any, question: str, choices: list[str]) -> dict[str, Any]:
+    from runner.workloads.scoring.prompts import LETTERS
+    from runner.workloads.scoring.scorer import score_mcq
+
+    class _Item:
+        def __init__(self) -> None:
+            self.question, self.choices = question, choices
+
+    probs = score_mcq(model, tokenizer, [_Item()], batch_size=1)[0]
+    k = int(probs.argmax())
+    return {"answer": LETTERS[k], "confidence": round(float(probs[k]), 4),
+            "probs": {LETTERS[i]: round(float(probs[i]), 4) for i in range(len(choices))}}
+
+
+def _mmlu_item(path: Path, index: int) -> dict[str, Any]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    r = rows[index]
+    return {"question": r[0], "choices": r[1:-1], "gold": r[-1].strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runner.workloads.recipes.artifact", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("answer", help="Load a registry version and answer one question (prints JSON).")
+    a.add_argument("ref", help="NAME@alias, NAME:vN, or a version directory.")
+    a.add_argument("--question", help='JSON: {"question": ..., "choices": [...]}')
+    a.add_argument("--mmlu", help="An MMLU CSV file (question,A,B,C,D,answer).")
+    a.add_argument("--index", type=int, default=0, help="Row of --mmlu to answer.")
+    m = sub.add_parser("merge", help="Write merged full weights of a version directory.")
+    m.add_argument("vdir")
+    m.add_argument("out")
+    b = sub.add_parser("bundle-base", help="Copy the tiny base a run trained on.")
+    b.add_argument("job_yaml")
+    b.add_argument("out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    try:
+        if args.cmd == "merge":
+            merge(Path(args.vdir), Path(args.out))
+        elif args.cmd == "bundle-base":
+            bundle_base(Path(args.job_yaml), Path(args.out))
+        else:
+            if args.mmlu:
+                item = _mmlu_item(Path(args.mmlu), args.index)
+            elif args.question:
+                item = json.loads(args.question)
+            else:
+                ap.error("answer needs --question or --mmlu")
+            model, tok, manifest = load_artifact(args.ref)
+            out = answer(model, tok, str(item["question"]), [str(c) for c in item["choices"]])
+            out["model"] = f"{manifest['name']}:v{manifest['version']}"
+            if "gold" in item:
+                out["gold"] = item["gold"]
+            print(json.dumps(out))
+    except IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    return 0

@@ -1,0 +1,269 @@
+"""The HTTP app (FastAPI): endpoints, request validation, body and prompt size limits, binding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field, field_validator
+
+from runner.workloads.agents.answer import MAX_DEADLINE_S, AnswerAgent, AnswerItem
+from runner.workloads.agents.question import QuestionAgent
+from runner.workloads.scoring.prompts import LETTERS, format_prompt, strip_choice_prefix
+from runner.workloads.serving.batcher import DEADLINE_GRACE_S, MicroBatcher, QueueFull
+from runner.workloads.serving.metrics import Metrics, RequestMetrics
+
+# Prompt length is checked without the tokenizer where bytes decide it: every token of a byte-level (or
+# byte-fallback) vocabulary spans at least one byte, plus a few special tokens; and none spans this many bytes.
+SPECIAL_TOKENS_SLACK = 8
+
+
+MAX_BYTES_PER_TOKEN = 32
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before it is read into memory (declared by
+    Content-Length, or counted as a chunked body arrives)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes (server.max_body_mb)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+        over = False
+
+        async def counted_receive() -> Any:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            if not over:  # once over the limit, whatever the app makes of the aborted read is replaced by 413
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if over:
+            await self._reject(send)
+
+
+def _prompt_bytes(item: AnswerItem) -> int:
+    return len(format_prompt(item.question, item.choices).encode())
+
+
+def fits_by_bytes(item: AnswerItem, limit: int) -> bool:
+    """True when the prompt's byte count alone proves it is at most `limit` tokens."""
+    return _prompt_bytes(item) + SPECIAL_TOKENS_SLACK <= limit
+
+
+def prompt_length_problem(tokenizer: Any, item: AnswerItem, limit: int) -> str | None:
+    """Why an item's prompt is over `limit` tokens, or None. Tokenizes only when the byte count cannot decide."""
+    from runner.workloads.scoring.scorer import encode_prompts
+
+    size = _prompt_bytes(item)
+    if size + SPECIAL_TOKENS_SLACK <= limit:
+        return None
+    if size > limit * MAX_BYTES_PER_TOKEN:
+        return f"question and choices are {size} bytes, far over this service's {limit}-token limit"
+    n = len(encode_prompts(tokenizer, [item])[0])
+    if n > limit:
+        return f"question and choices are {n} tokens; this service takes at most {limit}"
+    return None
+
+
+class AnswerRequest(BaseModel):
+    question: str = Field(min_length=1, description="The question text.")
+    choices: list[str] = Field(
+        min_length=2, max_length=len(LETTERS), description="2-10 choices, with or without 'A) ' prefixes."
+    )
+    deadline_s: float | None = Field(None, gt=0, le=MAX_DEADLINE_S, description="Answer within this many seconds.")
+
+    @field_validator("question")
+    @classmethod
+    def _q(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question is blank")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _c(cls, v: list[str]) -> list[str]:
+        for i, c in enumerate(v):
+            if not strip_choice_prefix(c):
+                raise ValueError(f"choice {i + 1} has no text")
+        return v
+
+
+class AnswerResponse(BaseModel):
+    answer: str = Field(description="One letter, always one of the question's choices.")
+    reasoning: str = Field(description="At most 100 words.")
+    confidence: float = Field(description="Probability of the chosen letter.")
+
+
+class QuestionRequest(BaseModel):
+    topic: str | None = Field(None, description="Topic; omitted: the agent's topics in turn.")
+    n: int = Field(1, ge=1, le=100, description="How many questions.")
+
+
+class Question(BaseModel):
+    topic: str
+    question: str
+    choices: list[str]
+    answer: str
+    explanation: str
+
+
+class QuestionResponse(BaseModel):
+    questions: list[Question]
+
+
+def create_app(
+    answer_agent: AnswerAgent,
+    batcher: MicroBatcher,
+    question_agent: QuestionAgent | None = None,
+    *,
+    token: str | None = None,
+    model_name: str = "",
+    max_prompt_tokens: int = 2048,
+    max_body_bytes: int = 4 << 20,
+) -> FastAPI:
+    app = FastAPI(
+        title="qa-runner agents",
+        description="Answer agent and question agent in the tournament's formats.",
+        version="1",
+    )
+    metrics = Metrics()
+    batcher.on_batch = metrics.batch_size.observe
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # Added last, so outermost: it also counts what BodyLimit refuses.
+    app.add_middleware(RequestMetrics, metrics=metrics,
+                       paths=frozenset({"/v1/answer", "/v1/question", "/healthz", "/metrics"}))
+    q_lock = threading.Lock()
+
+    async def auth(request: Request) -> None:
+        if token is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {token}":
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "queue": batcher.queue.qsize(),
+            "batches": batcher.batches,
+            "answered": batcher.items,
+            "fallbacks": batcher.fallbacks,
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> str:
+        return metrics.render(batcher, model_name)
+
+    @app.post("/v1/answer", dependencies=[Depends(auth)])
+    async def answer(
+        body: AnswerRequest | Annotated[list[AnswerRequest], Field(min_length=1, max_length=256)],
+    ) -> AnswerResponse | list[AnswerResponse]:
+        reqs = body if isinstance(body, list) else [body]
+        items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
+        # A prompt far past what the model was served for would hold the worker (and everyone queued behind it)
+        # for as long as its forward pass takes: refuse it up front. Short prompts are decided by their bytes.
+        if not all(fits_by_bytes(it, max_prompt_tokens) for it in items):
+            problems = await run_in_threadpool(
+                lambda: [prompt_length_problem(answer_agent.tokenizer, it, max_prompt_tokens) for it in items]
+            )
+            for i, why in enumerate(problems):
+                if why is not None:
+                    where = f"item {i}: " if isinstance(body, list) else ""
+                    raise HTTPException(422, f"{where}{why} (server.max_prompt_tokens); shorten it")
+        limit = min((r.deadline_s or answer_agent.deadline_s) for r in reqs)
+        deadline = time.monotonic() + limit
+        try:
+            fut = batcher.submit(items, deadline)
+        except QueueFull:
+            raise HTTPException(503, "the answer queue is full; retry shortly", headers={"Retry-After": "1"}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=limit + DEADLINE_GRACE_S)
+        except TimeoutError:
+            batcher.fallbacks += len(items)
+            results = [answer_agent.fallback(it, "deadline passed") for it in items]
+        out = [AnswerResponse(**r) for r in results]
+        return out if isinstance(body, list) else out[0]
+
+    @app.post("/v1/question", dependencies=[Depends(auth)])
+    async def question(body: QuestionRequest) -> QuestionResponse:
+        if question_agent is None:
+            raise HTTPException(404, "this service has no question agent")
+
+        def make() -> list[dict[str, Any]]:
+            with q_lock:
+                return question_agent.generate(body.topic, body.n)
+
+        try:
+            qs = await run_in_threadpool(make)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        except RuntimeError as e:
+            raise HTTPException(500, str(e)) from None
+        return QuestionResponse(questions=[Question(**q) for q in qs])
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def prompt_token_limit(agent: AnswerAgent, configured: int, log: Any = print) -> int:
+    """`server.max_prompt_tokens`, but never past the positions every model of the agent was built for."""
+    positions = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m, _ in agent.members]
+    known = [p for p in positions if isinstance(p, int) and p > 0]
+    if known and min(known) < configured:
+        log(f"note: prompts are limited to {min(known)} tokens, the model's max_position_embeddings "
+            f"(server.max_prompt_tokens is {configured})")
+        return min(known)
+    return configured
