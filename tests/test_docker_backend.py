@@ -15,14 +15,13 @@ import pytest
 
 from runner.backends import plan_for
 from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem
+from runner.backends.devices import amd_device_flags, kfd_render_minors
 from runner.backends.docker import (
     LABEL_RUN,
     DockerBackend,
-    amd_device_flags,
     client,
     container_spec,
     find_orphans,
-    kfd_render_minors,
 )
 from runner.spec import load_job
 from tests.conftest import ROOT, run_cli
@@ -272,13 +271,8 @@ def test_an_orphaned_container_is_found_and_reported(engine: object, cpu_image: 
     shutil.rmtree(run.dir, ignore_errors=True)
 
 
-def _train_available() -> bool:
-    return (ROOT / "runner" / "workloads" / "train.py").exists() and (ROOT / "jobs" / "quickstart.yaml").exists()
-
-
 @pytest.mark.docker
 @pytest.mark.slow
-@pytest.mark.skipif(not _train_available(), reason="needs the train workload and jobs/quickstart.yaml")
 def test_quickstart_trains_in_a_container_and_cancel_keeps_a_checkpoint(engine: object, cpu_image: str,
                                                                         runner_home: Path) -> None:
     import json

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -26,6 +27,29 @@ def tee_output(chunks: Iterable[bytes], log: IO[bytes], attach: bool) -> None:
                 out.flush()
             except (BrokenPipeError, ValueError):
                 out = None
+
+
+class OutputPump:
+    """A daemon thread that tees a job's output into run.log (and the terminal when attached) until it ends."""
+
+    def __init__(self, chunks: Callable[[], Iterable[bytes]], log: IO[bytes], attach: bool, source: str):
+        self._chunks = chunks
+        self._log = log
+        self._attach = attach
+        self._source = source
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            tee_output(self._chunks(), self._log, self._attach)
+        except Exception as e:  # the stream went away mid-way: the exit code still comes from the engine
+            self._log.write(f"\nrunner: log stream from the {self._source} ended: {e}\n".encode())
+
+    def close(self, timeout: float) -> None:
+        """Wait (at most `timeout`) for the output to drain, then close run.log."""
+        self._thread.join(timeout=timeout)
+        self._log.close()
 
 
 class EnvironmentProblem(Exception):

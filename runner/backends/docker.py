@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, tee_output
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, OutputPump
 
 if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.runs import Run
+from runner.backends.devices import amd_device_flags, device_gids, kfd_render_minors
 
 GRACE_S = 30.0
 LABEL_RUN = "qa-runner.run-id"
@@ -29,58 +30,6 @@ LABEL_DIR = "qa-runner.run-dir"
 LABEL_SPEC = "qa-runner.spec-hash"
 CONTAINER_RUN_DIR = "/workspace/run"
 CONTAINER_CACHE_DIR = "/workspace/cache"
-KFD_TOPOLOGY = Path("/sys/class/kfd/kfd/topology/nodes")
-FIRST_RENDER_MINOR = 128
-
-
-# --- devices ---------------------------------------------------------------------------------------------
-
-
-def kfd_render_minors(topology: Path = KFD_TOPOLOGY) -> list[int]:
-    """DRM render minors of the AMD GPUs, in KFD node order (CPU nodes have no SIMDs and are skipped)."""
-    minors: list[tuple[int, int]] = []
-    if not topology.is_dir():
-        return []
-    for node in topology.iterdir():
-        try:
-            props = dict(
-                line.split(None, 1) for line in (node / "properties").read_text().splitlines() if " " in line
-            )
-            if int(props.get("simd_count", "0")) > 0 and int(props.get("drm_render_minor", "0")) > 0:
-                minors.append((int(node.name), int(props["drm_render_minor"])))
-        except (OSError, ValueError):
-            continue
-    return [m for _, m in sorted(minors)]
-
-
-def amd_device_flags(gpus: int, render_minors: list[int] | None = None) -> dict[str, Any]:
-    """What an AMD GPU container needs (AMD's docs): /dev/kfd, the render node of each GPU it gets (all of
-    /dev/dri when the count is 0), the video group, host IPC, ptrace for the debugger/profiler and no seccomp."""
-    if gpus > 0:
-        minors = (render_minors or [FIRST_RENDER_MINOR + i for i in range(gpus)])[:gpus]
-        devices = ["/dev/kfd"] + [f"/dev/dri/renderD{m}" for m in minors]
-    else:
-        devices = ["/dev/kfd", "/dev/dri"]
-    return {
-        "devices": devices,
-        "group_add": ["video"],
-        "ipc_mode": "host",
-        "cap_add": ["SYS_PTRACE"],
-        "security_opt": ["seccomp=unconfined"],
-    }
-
-
-def device_gids(devices: list[str]) -> list[str]:
-    """Numeric groups owning the device nodes (e.g. `render`), which the container user must be in."""
-    gids: list[str] = []
-    for d in devices:
-        try:
-            gid = str(os.stat(d).st_gid)
-        except OSError:
-            continue
-        if gid != "0" and gid not in gids:
-            gids.append(gid)
-    return gids
 
 
 # --- the container -------------------------------------------------------------------------------------
@@ -319,15 +268,9 @@ class DockerHandle:
         self.run = run
         self.attach = attach
         self.grace_s = grace_s
-        self._log = log
-        self._pump = threading.Thread(target=self._copy_output, daemon=True)
-        self._pump.start()
-
-    def _copy_output(self) -> None:
-        try:
-            tee_output(self.container.logs(stream=True, follow=True, stdout=True, stderr=True), self._log, self.attach)
-        except Exception as e:  # the engine went away mid-stream: the exit code still comes from wait()
-            self._log.write(f"\nrunner: log stream from the container ended: {e}\n".encode())
+        self._pump = OutputPump(
+            lambda: container.logs(stream=True, follow=True, stdout=True, stderr=True), log, attach, "container"
+        )
 
     def wait(self) -> int:
         import docker.errors
@@ -337,8 +280,7 @@ class DockerHandle:
             code = int(result.get("StatusCode", 1))
         except docker.errors.NotFound:
             code = EXIT_CANCELLED if self.run.status().get("cancel_requested") else 1
-        self._pump.join(timeout=30)
-        self._log.close()
+        self._pump.close(timeout=30)
         try:
             self.container.remove(force=True)
         except docker.errors.APIError:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, tee_output
+from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, OutputPump
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -50,19 +50,13 @@ class LocalHandle:
         self.proc = proc
         self.run = run
         self.attach = attach
-        self._log = log
-        self._pump = threading.Thread(target=self._copy_output, daemon=True)
-        self._pump.start()
-
-    def _copy_output(self) -> None:
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        tee_output(iter(lambda: stdout.read1(65536), b""), self._log, self.attach)  # type: ignore[attr-defined]
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        self._pump = OutputPump(lambda: iter(lambda: stdout.read1(65536), b""), log, attach, "process")
 
     def wait(self) -> int:
         code = self.proc.wait()
-        self._pump.join(timeout=10)
-        self._log.close()
+        self._pump.close(timeout=10)
         # A child killed by a signal reports -N; shells report 128+N. Both mean the job did not finish.
         if code < 0:
             code = EXIT_CANCELLED if -code in (signal.SIGTERM, signal.SIGINT) else 128 - code

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from runner.workloads.scoring.calibration import rotated, unrotated
 from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
 from runner.workloads.scoring.scorer import score_mcq
 
@@ -97,21 +98,13 @@ class AnswerAgent:
                     break
             if deadline is not None and now >= deadline:
                 break
-            shifted = [AnswerItem(it.question, it.choices[shift % len(it.choices):] + it.choices[: shift % len(it.choices)])
-                       for it in items]
+            shifted = [AnswerItem(it.question, rotated(it.choices, shift)) for it in items]
             t0 = time.monotonic()
             probs = score_mcq(model, tok, shifted, batch_size=self.batch_size)
             dt = time.monotonic() - t0
             self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
-            if shift == 0:
-                total += probs.float()
-            else:
-                for r, it in enumerate(items):
-                    k = len(it.choices)
-                    s = shift % k
-                    # shifted letter j shows original choice (j + s) % k
-                    idx = torch.tensor([(j + s) % k for j in range(k)])
-                    total[r].index_add_(0, idx, probs[r, :k].float())
+            for r, it in enumerate(items):
+                total[r, : len(it.choices)] += unrotated(probs[r].float(), len(it.choices), shift)
             passes += 1
         if passes:
             total /= passes

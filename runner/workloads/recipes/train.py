@@ -35,7 +35,13 @@ from runner.workloads.data.sets import dedupe, load_sources, train_val_records
 from runner.workloads.model.loading import attach_lora, base_model_path, load_model_and_tokenizer
 from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
 from runner.workloads.scoring.scorer import score_mcq
-from runner.workloads.training.checkpoints import complete_checkpoints, rng_state, set_rng_state
+from runner.workloads.training.checkpoints import (
+    complete_checkpoints,
+    point_best,
+    retain,
+    rng_state,
+    set_rng_state,
+)
 from runner.workloads.training.packing import (
     Example,
     answer_loss_sum,
@@ -45,7 +51,14 @@ from runner.workloads.training.packing import (
     per_token_losses,
     varlen_training,
 )
-from runner.workloads.training.progress import Metrics, ProgressView, _null, peak_flops
+from runner.workloads.training.progress import (
+    Metrics,
+    ProgressView,
+    _null,
+    first_val_row,
+    peak_flops,
+    quiet_libraries,
+)
 from runner.workloads.training.schedule import lr_lambda
 
 EXIT_CANCELLED = 130
@@ -235,37 +248,12 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        self._point_best()
-        self._retain()
+        point_best(self.ckpt_dir, self.best_step)
+        retain(self.ckpt_dir, self.spec.train.keep_checkpoints, self.best_step)
         fsync_dir(self.ckpt_dir)
 
     def _rank_suffix(self) -> str:
         return "" if self.acc.num_processes == 1 else f".rank{self.acc.process_index}"
-
-    def _point_best(self) -> None:
-        if self.best_step is None:
-            return
-        link = self.ckpt_dir / "best"
-        target = f"step-{self.best_step:08d}"
-        if not (self.ckpt_dir / target).is_dir():
-            return
-        tmp = self.ckpt_dir / f".best-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-
-    def _retain(self) -> None:
-        ckpts = complete_checkpoints(self.ckpt_dir)
-        keep = {s for s, _ in ckpts[-self.spec.train.keep_checkpoints :]}
-        if self.best_step is not None:
-            keep.add(self.best_step)
-        for s, p in ckpts:
-            if s not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-        for p in self.ckpt_dir.glob(".tmp-step-*"):
-            if not p.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(p, ignore_errors=True)
 
     def maybe_resume(self) -> int:
         """Load the last complete checkpoint of this run directory; return the step to continue from."""
@@ -393,7 +381,7 @@ class Trainer:
             first_val = self.validate(0)
             self.log(f"step 0 validation accuracy: {first_val['accuracy']:.1%} ({first_val['n']} questions)")
         else:
-            first_val = self._first_val_from_metrics()
+            first_val = first_val_row(self.run_dir)
         progress = ProgressView(t.steps, start, enabled=self.main)
         window: dict[str, float] = {}
         t_window = time.perf_counter()
@@ -443,16 +431,6 @@ class Trainer:
             )
         return 0
 
-    def _first_val_from_metrics(self) -> dict[str, Any] | None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return None
-        for ln in path.read_text().splitlines():
-            row = json.loads(ln)
-            if row.get("split") == "val" and row.get("step") == 0:
-                return row
-        return None
-
     def train_row(self, step: int, w: dict[str, float], dt: float, elapsed: float, start: int) -> dict[str, Any]:
         t = self.spec.train
         tps = w["tokens"] / max(dt, 1e-9)
@@ -477,23 +455,11 @@ class Trainer:
         return row
 
 
-def _quiet_libraries() -> None:
-    """Our log lines, not the libraries' progress bars and deprecation notices, in run.log."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
 
 def run(job: Any, run_dir: Path) -> int:
     """Entry point of the `train` kind (see the module docstring)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _quiet_libraries()
+    quiet_libraries()
     trainer = Trainer(job, run_dir)
 
     def on_signal(signum: int, frame: Any) -> None:

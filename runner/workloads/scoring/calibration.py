@@ -133,6 +133,21 @@ def letter_bias(
     }
 
 
+def rotated(choices: Sequence[str], shift: int) -> list[str]:
+    """The choices shifted cyclically: position j shows original choice (j + shift) % n."""
+    s = shift % len(choices)
+    return list(choices[s:]) + list(choices[:s])
+
+
+def unrotated(probs: torch.Tensor, n: int, shift: int) -> torch.Tensor:
+    """One rotated item's letter probabilities back in its original choice order (its first n letters).
+
+    Position j showed original choice (j + shift) % n, so original choice c sat at position (c - shift) % n.
+    """
+    back = torch.tensor([(c - shift) % n for c in range(n)])
+    return probs[:n][back]
+
+
 def cyclic_debias(score_fn: ScoreFn, items: Sequence[Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Letter probabilities averaged over every cyclic shift of each item's choices, in the original order.
 
@@ -148,15 +163,11 @@ def cyclic_debias(score_fn: ScoreFn, items: Sequence[Any]) -> tuple[torch.Tensor
         sub = [i for i, it in enumerate(items) if len(it.choices) > s]
         shown = []
         for i in sub:
-            ch = list(items[i].choices)
-            n = len(ch)
-            shown.append(Shuffled(items[i].question, [ch[(j + s) % n] for j in range(n)]))
+            shown.append(Shuffled(items[i].question, rotated(items[i].choices, s)))
         probs = score_fn(shown).float().cpu()
         scored += len(shown)
         for r, i in enumerate(sub):
             n = len(items[i].choices)
-            # Position j showed original choice (j + s) % n, so original choice c sits at position (c - s) % n.
-            back = torch.tensor([(c - s) % n for c in range(n)])
-            total[i, :n] += probs[r, back]
+            total[i, :n] += unrotated(probs[r], n, s)
     counts = torch.tensor([float(len(it.choices)) for it in items]).clamp_min(1.0)
     return total / counts.unsqueeze(1), _cost(k_max, scored, time.perf_counter() - t0)

@@ -1,9 +1,11 @@
-"""Checkpoint discovery and the RNG state saved with each checkpoint (for an exact resume)."""
+"""Checkpoints on disk: discovery, retention, the `best` pointer, and the RNG state saved for an exact resume."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,31 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
         if m and p.is_dir() and not p.is_symlink() and (p / "trainer_state.json").exists():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def point_best(ckpt_dir: Path, best_step: int | None) -> None:
+    """Move the `best` symlink to `step-<best_step>` atomically (a new link under a temp name, then rename)."""
+    if best_step is None:
+        return
+    target = f"step-{best_step:08d}"
+    if not (ckpt_dir / target).is_dir():
+        return
+    tmp = ckpt_dir / f".best-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, ckpt_dir / "best")
+
+
+def retain(ckpt_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Delete all but the last `keep_last` checkpoints and the best one; drop other processes' torn writes."""
+    ckpts = complete_checkpoints(ckpt_dir)
+    keep = {s for s, _ in ckpts[-keep_last:]}
+    if best_step is not None:
+        keep.add(best_step)
+    for s, p in ckpts:
+        if s not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob(".tmp-step-*"):
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)

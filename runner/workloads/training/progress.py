@@ -105,3 +105,28 @@ class ProgressView:
     def __exit__(self, *a: object) -> None:
         if self.live:
             self.bar.stop()
+
+
+def first_val_row(run_dir: Path) -> dict[str, Any] | None:
+    """The step-0 validation row of metrics.jsonl (a resumed run reports its gain against it)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for ln in path.read_text().splitlines():
+        row = json.loads(ln)
+        if row.get("split") == "val" and row.get("step") == 0:
+            return row
+    return None
+
+
+def quiet_libraries() -> None:
+    """Our log lines, not the libraries' progress bars and deprecation notices, in run.log."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)\b")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

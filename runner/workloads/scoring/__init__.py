@@ -1,0 +1,1 @@
+"""Scoring: the MCQ prompt, single-pass letter scoring, calibration, summaries and the eval report."""

@@ -1,0 +1,1 @@
+"""Serving: the micro-batcher, the HTTP app and its metrics."""
