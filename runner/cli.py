@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.runs import Run
     from runner.spec import Job
+from runner.run_views import first, last, plots, reconcile, served, tournament
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ENV = 0, 1, 2, 3
 
@@ -276,46 +277,6 @@ def _get(ref: str) -> Run:
         raise Exit(EXIT_INVALID, f"error: {e}") from None
 
 
-def reconcile(r: Run) -> str:
-    """The run's state, corrected when its driver died: asks the backend, marks orphans."""
-    st = r.status()
-    state = str(st.get("state", "pending"))
-    if state not in ("running", "pending") or r.is_locked():
-        return state
-    if state == "pending":
-        return state
-    from runner.backends import EnvironmentProblem, get_backend
-
-    try:
-        seen = get_backend(str(st.get("backend") or "local")).poll(r)
-    except EnvironmentProblem:
-        seen = None
-    if seen is not None and seen[0] == "running":
-        if not st.get("orphan"):
-            r.update(orphan=True)
-            r.note("orphan", detail="the job is still running but no runner process drives it")
-        return "running (orphaned)"
-    if seen is not None and seen[0] in ("succeeded", "failed", "cancelled"):
-        r.set_state(seen[0], exit_code=seen[1])
-        return seen[0]
-    r.set_state("failed", error="the runner driving this run died; `runner run` the job again to resume it")
-    return "failed"
-
-
-def _last(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
-    for m in reversed(metrics):
-        if m.get("split") == split and key in m:
-            return m[key]
-    return None
-
-
-def _first(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
-    for m in metrics:
-        if m.get("split") == split and key in m:
-            return m[key]
-    return None
-
-
 @app.command("ls")
 def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -> None:
     """List runs: id, job, kind, state, backend, started, validation accuracy."""
@@ -329,8 +290,8 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
         st = r.status()
         state = reconcile(r)
         ms = r.metrics()
-        acc = _last(ms, "val", "accuracy")
-        step = _last(ms, "train", "step")
+        acc = last(ms, "val", "accuracy")
+        step = last(ms, "train", "step")
         t.add_row(r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
                   str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
                   "" if step is None else str(step), "" if acc is None else f"{acc:.3f}")
@@ -353,13 +314,13 @@ def show(ref: str = typer.Argument(..., help="Run id, job/id, or job name (its l
         if st.get(k):
             print(f"{k:<10} {st[k]}")
     if ms:
-        a0, a1 = _first(ms, "val", "accuracy"), _last(ms, "val", "accuracy")
+        a0, a1 = first(ms, "val", "accuracy"), last(ms, "val", "accuracy")
         if a0 is not None:
-            print(f"val acc    {a0:.3f} at step {_first(ms, 'val', 'step')} -> {a1:.3f} at step {_last(ms, 'val', 'step')}")
-        loss = _last(ms, "train", "loss")
+            print(f"val acc    {a0:.3f} at step {first(ms, 'val', 'step')} -> {a1:.3f} at step {last(ms, 'val', 'step')}")
+        loss = last(ms, "train", "loss")
         if loss is not None:
-            print(f"train loss {loss:.4f} at step {_last(ms, 'train', 'step')}; "
-                  f"{_last(ms, 'train', 'tokens_per_s') or 0:.0f} tokens/s")
+            print(f"train loss {loss:.4f} at step {last(ms, 'train', 'step')}; "
+                  f"{last(ms, 'train', 'tokens_per_s') or 0:.0f} tokens/s")
     cks = r.checkpoints()
     if cks:
         best = r.checkpoints_dir / "best"
@@ -372,80 +333,12 @@ def show(ref: str = typer.Argument(..., help="Run id, job/id, or job name (its l
             print(f"eval       accuracy {e.get('accuracy')} on n={e.get('n')}")
         except json.JSONDecodeError:
             print("eval       eval.json is unreadable")
-    for line in _served(r, state) + _tournament(r):
+    for line in served(r, state) + tournament(r):
         print(line)
     if ms:
-        written = _plots(r, ms)
+        written = plots(r, ms)
         if written:
             print("plots      " + ", ".join(str(w) for w in written))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _served(r: Run, state: str) -> list[str]:
-    """Where a serve run answers (or answered): the URL its serve.json names."""
-    info = _read_json(r.dir / "serve.json")
-    if not isinstance(info, dict) or not info.get("url"):
-        return []
-    url = info["url"]
-    if not state.startswith("running"):
-        return [f"served     {url} (stopped)"]
-    auth = "; needs its bearer token" if info.get("auth") else ""
-    return [f"serving    {url}  (POST /v1/answer, /v1/question; docs {url}/docs; metrics {url}/metrics{auth})"]
-
-
-def _tournament(r: Run) -> list[str]:
-    """A tournament run's ranking, from tournament.json."""
-    board = _read_json(r.dir / "tournament.json")
-    if not isinstance(board, dict) or not isinstance(board.get("teams"), dict):
-        return []
-    teams = board["teams"]
-
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{x:.1f}%"
-
-    out = [f"winner     {board.get('winner') or 'none (every team is out)'}"]
-    for name in board.get("ranking", list(teams)):
-        b = teams.get(name, {})
-        out.append(
-            f"  {b.get('rank', '?')}. {name}: score {b.get('score', 0):.1f} (answers {pct(b.get('answer_score'))}, "
-            f"questions {pct(b.get('question_score'))}, valid {b.get('valid_fraction', 0):.0%})"
-            + ("  OUT: under the valid-question minimum" if b.get("disqualified") else "")
-        )
-    if (r.dir / "report.md").exists():
-        out.append(f"report     {r.dir / 'report.md'}")
-    return out
-
-
-def _plots(r: Run, ms: list[dict[str, Any]]) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    out = []
-    for name, split, key in (("loss.png", "train", "loss"), ("accuracy.png", "val", "accuracy")):
-        pts = [(m["step"], m[key]) for m in ms if m.get("split") == split and key in m and "step" in m]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{split} {key}")
-        ax.set_title(f"{r.job_name} {r.id}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(r.dir / name, dpi=100)
-        plt.close(fig)
-        out.append(r.dir / name)
-    return out
 
 
 @app.command()

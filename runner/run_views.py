@@ -1,0 +1,121 @@
+"""What `runner ls` and `runner show` say about a run: its reconciled state, metric summaries, serve and
+tournament sections, and the loss/accuracy plots (matplotlib, imported only to draw)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runner.runs import Run
+
+
+def reconcile(r: Run) -> str:
+    """The run's state, corrected when its driver died: asks the backend, marks orphans."""
+    st = r.status()
+    state = str(st.get("state", "pending"))
+    if state not in ("running", "pending") or r.is_locked():
+        return state
+    if state == "pending":
+        return state
+    from runner.backends import EnvironmentProblem, get_backend
+
+    try:
+        seen = get_backend(str(st.get("backend") or "local")).poll(r)
+    except EnvironmentProblem:
+        seen = None
+    if seen is not None and seen[0] == "running":
+        if not st.get("orphan"):
+            r.update(orphan=True)
+            r.note("orphan", detail="the job is still running but no runner process drives it")
+        return "running (orphaned)"
+    if seen is not None and seen[0] in ("succeeded", "failed", "cancelled"):
+        r.set_state(seen[0], exit_code=seen[1])
+        return seen[0]
+    r.set_state("failed", error="the runner driving this run died; `runner run` the job again to resume it")
+    return "failed"
+
+
+def last(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
+    for m in reversed(metrics):
+        if m.get("split") == split and key in m:
+            return m[key]
+    return None
+
+
+def first(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
+    for m in metrics:
+        if m.get("split") == split and key in m:
+            return m[key]
+    return None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def served(r: Run, state: str) -> list[str]:
+    """Where a serve run answers (or answered): the URL its serve.json names."""
+    info = read_json(r.dir / "serve.json")
+    if not isinstance(info, dict) or not info.get("url"):
+        return []
+    url = info["url"]
+    if not state.startswith("running"):
+        return [f"served     {url} (stopped)"]
+    auth = "; needs its bearer token" if info.get("auth") else ""
+    return [f"serving    {url}  (POST /v1/answer, /v1/question; docs {url}/docs; metrics {url}/metrics{auth})"]
+
+
+def tournament(r: Run) -> list[str]:
+    """A tournament run's ranking, from tournament.json."""
+    board = read_json(r.dir / "tournament.json")
+    if not isinstance(board, dict) or not isinstance(board.get("teams"), dict):
+        return []
+    teams = board["teams"]
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}%"
+
+    out = [f"winner     {board.get('winner') or 'none (every team is out)'}"]
+    for name in board.get("ranking", list(teams)):
+        b = teams.get(name, {})
+        out.append(
+            f"  {b.get('rank', '?')}. {name}: score {b.get('score', 0):.1f} (answers {pct(b.get('answer_score'))}, "
+            f"questions {pct(b.get('question_score'))}, valid {b.get('valid_fraction', 0):.0%})"
+            + ("  OUT: under the valid-question minimum" if b.get("disqualified") else "")
+        )
+    if (r.dir / "report.md").exists():
+        out.append(f"report     {r.dir / 'report.md'}")
+    return out
+
+
+def plots(r: Run, ms: list[dict[str, Any]]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # a dependency of the package: say so rather than leave the plots out without a word
+        print("warning: matplotlib is not installed; no loss/accuracy plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    out = []
+    for name, split, key in (("loss.png", "train", "loss"), ("accuracy.png", "val", "accuracy")):
+        pts = [(m["step"], m[key]) for m in ms if m.get("split") == split and key in m and "step" in m]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{split} {key}")
+        ax.set_title(f"{r.job_name} {r.id}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(r.dir / name, dpi=100)
+        plt.close(fig)
+        out.append(r.dir / name)
+    return out
