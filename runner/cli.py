@@ -151,7 +151,7 @@ def schema(kind: str | None = typer.Argument(None, help="Job kind (default: all 
 
 def _check(job: Job, p: Plan, force: bool = False) -> None:
     from runner.backends import EnvironmentProblem, get_backend
-    from runner.preflight import gate
+    from runner.preflight.report import gate
 
     try:
         # Does it fit at all? A model that can never fit is refused before any engine is asked.
@@ -415,7 +415,7 @@ def preflight(
     backend: str | None = BackendOpt,
 ) -> None:
     """Hardware found, memory estimate per component, and whether the job fits."""
-    from runner.preflight import preflight_main
+    from runner.preflight.report import preflight_main
 
     job = _load(file, sets, backend)
     raise Exit(preflight_main(job, _plan(job, backend)))

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from runner.preflight import KNOWN, GiB, Setup, allocated, estimate
+from runner.preflight.memory import GiB, Setup, allocated, estimate
+from runner.preflight.shapes import KNOWN
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (model, rows, row length, gradient checkpointing, LoRA r, LoRA dropout)

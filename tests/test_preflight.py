@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from runner import preflight as pf
 from runner.backends.base import EnvironmentProblem
-from runner.preflight import KNOWN, GiB, Hardware, Setup, allocated, estimate, known_key, total
+from runner.preflight import report as pf
+from runner.preflight.memory import GiB, Setup, allocated, estimate, total
+from runner.preflight.probe import Hardware
+from runner.preflight.shapes import KNOWN, known_key
 from runner.spec import load_job
 from tests.conftest import ROOT, run_cli
 
@@ -70,7 +72,7 @@ def test_preflight_cli_is_fast_and_never_imports_torch() -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert time.monotonic() - t0 < 10
     assert "hardware here:" in p.stdout and "weights (bf16)" in p.stdout
-    code = "import sys, runner.preflight as p; p.probe_hardware(docker=False); print('torch' in sys.modules)"
+    code = "import sys, runner.preflight.probe as p; p.probe_hardware(docker=False); print('torch' in sys.modules)"
     import subprocess
     import sys
 

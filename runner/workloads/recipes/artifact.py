@@ -85,3 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.code
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
