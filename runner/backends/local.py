@@ -52,7 +52,7 @@ class LocalHandle:
         self.attach = attach
         assert proc.stdout is not None
         stdout = proc.stdout
-        self._pump = OutputPump(lambda: iter(lambda: stdout.read1(65536), b""), log, attach, "process")
+        self._pump = OutputPump(lambda: iter(lambda: stdout.read1(65536), b""), log, attach, "process")  # type: ignore[attr-defined]
 
     def wait(self) -> int:
         code = self.proc.wait()
