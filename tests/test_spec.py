@@ -180,3 +180,13 @@ def test_schema_lists_every_kind() -> None:
     assert len(sch["oneOf"]) >= 2 and "TrainJob" in sch["$defs"]
     one = json.loads(run_cli("schema", "train", check=True).stdout)
     assert one["properties"]["model"] and "description" in one["properties"]["name"]
+
+
+def test_the_kinds_table_names_each_model_by_its_own_kind() -> None:
+    import typing
+
+    from runner.spec import JOB_MODELS
+
+    assert list(JOB_MODELS) == ["prepare", "train", "eval", "serve", "tournament"]
+    for kind, model in JOB_MODELS.items():
+        assert typing.get_args(model.model_fields["kind"].annotation) == (kind,)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from runner.spec.models import JOB_MODELS, DataSource, JobBase, ModelSpec, Section, source_list
+from runner.spec.models import DataSource, JobBase, ModelSpec, Section, source_list
 
 CHECKPOINT_RE = re.compile(r"^(best|last|step-?[0-9]+|[0-9]+)$")
 
@@ -128,6 +128,3 @@ class EvalJob(JobBase, EvalTarget):
         if self.models:
             return list(self.models)
         return [EvalMember(model=self.model, run=self.run, checkpoint=self.checkpoint, registry=self.registry)]
-
-
-JOB_MODELS["eval"] = EvalJob

@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from runner.spec import models
+from runner.spec.kinds import JOB_MODELS
 
 ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 Path_ = tuple[str | int, ...]
@@ -369,14 +370,14 @@ def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path) -> Jo
     data = _interpolate(data, (), marks, problems, secrets)
     kind = data.get("kind")
     if kind is None:
-        problems.append(Problem(marks[()], "kind", f"required field is missing; one of: {', '.join(models.JOB_MODELS)}"))
+        problems.append(Problem(marks[()], "kind", f"required field is missing; one of: {', '.join(JOB_MODELS)}"))
         raise SpecError(problems)
-    if kind not in models.JOB_MODELS:
-        close = difflib.get_close_matches(str(kind), list(models.JOB_MODELS), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(models.JOB_MODELS)}"
+    if kind not in JOB_MODELS:
+        close = difflib.get_close_matches(str(kind), list(JOB_MODELS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(JOB_MODELS)}"
         problems.append(Problem(_mark_for(("kind",), marks), "kind", f"unknown kind {kind!r}; {hint}"))
         raise SpecError(problems)
-    model = models.JOB_MODELS[kind]
+    model = JOB_MODELS[kind]
     try:
         spec = model.model_validate(data)
     except ValidationError as e:
@@ -396,7 +397,7 @@ def job_from_stored(data: dict[str, Any], source: str = "job.yaml") -> Job:
 def job_from_data(data: dict[str, Any], source: str = "job.yaml") -> Job:
     """Rebuild a Job from a resolved spec (a run's job.yaml), validating it again."""
     kind = data.get("kind")
-    model = models.JOB_MODELS.get(str(kind))
+    model = JOB_MODELS.get(str(kind))
     if model is None:
         raise SpecError([Problem(Mark(source, 1, 1), "kind", f"unknown kind {kind!r}")])
     try:

@@ -6,7 +6,7 @@ Every field has a description (it feeds `runner schema` and the docs); unknown k
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -266,11 +266,3 @@ class TrainJob(JobBase):
     data: DataSpec = Field(description="Training and validation data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Extra logging outputs.")
-
-
-JOB_MODELS: dict[str, type[JobBase]] = {
-    "prepare": PrepareJob,
-    "train": TrainJob,
-}
-
-AnyJob = Annotated[PrepareJob | TrainJob, Field(discriminator="kind")]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from runner.spec.models import JOB_MODELS, At, DataSource, JobBase, ModelSpec, Section
+from runner.spec.models import At, DataSource, JobBase, ModelSpec, Section
 
 PROCEDURAL_TOPICS = ["seating_linear", "seating_circular", "blood_relations", "syllogisms", "alphanumeric_series"]
 QuestionSource = Literal["bank", "procedural", "model"]
@@ -129,6 +129,3 @@ class ServeJob(JobBase, AgentSource):
             raise At("host", f"host {server.host} is reachable only inside the pod on Kubernetes, not by "
                              "its probes or clients; set server.host: 0.0.0.0 (and server.token)")
         return server
-
-
-JOB_MODELS["serve"] = ServeJob

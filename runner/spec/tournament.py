@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from runner.spec.models import JOB_MODELS, NAME_RE, At, JobBase, ModelSpec, Section
+from runner.spec.models import NAME_RE, At, JobBase, ModelSpec, Section
 from runner.spec.serve import PROCEDURAL_TOPICS, AgentSource, AnswerAgentSpec, QuestionAgentSpec
 
 
@@ -108,6 +108,3 @@ class TournamentJob(JobBase):
         if dup:
             raise At("teams", f"team names must be unique; repeated: {', '.join(dup)}")
         return self
-
-
-JOB_MODELS["tournament"] = TournamentJob
