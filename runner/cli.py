@@ -49,9 +49,12 @@ def _load(file: str, sets: list[str] | None = None, backend: str | None = None) 
     from runner.spec import SpecError, load_job
 
     try:
-        return load_job(file, sets or [], backend)
+        job = load_job(file, sets or [], backend)
     except SpecError as e:
         raise Exit(EXIT_INVALID, str(e)) from None
+    for w in job.warnings:
+        err(str(w))
+    return job
 
 
 def _plan(job: Job, backend: str | None = None) -> Plan:
@@ -68,7 +71,10 @@ def _plan(job: Job, backend: str | None = None) -> Plan:
 
 @app.command()
 def validate(files: list[str] = typer.Argument(..., help="Job files to check.")) -> None:
-    """Check job files; one `FILE:LINE:COL: error: field: message` line per problem (exit 2 if any)."""
+    """Check job files; one `FILE:LINE:COL: error: field: message` line per problem, exit 2 if any.
+
+    Deprecated keys get a `warning:` line each and do not change the exit code.
+    """
     from runner.spec import SpecError, load_job
 
     bad = 0
@@ -79,6 +85,8 @@ def validate(files: list[str] = typer.Argument(..., help="Job files to check."))
             err(str(e))
             bad += 1
             continue
+        for w in job.warnings:
+            err(str(w))
         print(f"{f}: ok ({job.kind} {job.name}, spec {job.spec_hash})")
     if bad:
         raise Exit(EXIT_INVALID)

@@ -139,7 +139,7 @@ def test_amd_gpus_host_ipc_unconfined_seccomp_and_shm() -> None:
 
 def test_cuda_flavour_asks_for_nvidia_gpus_and_existing_claim_is_not_created() -> None:
     docs = _manifests(
-        "image=cuda", "resources.volume_claim=team-nfs", "resources.registry=registry.example.com/qa"
+        "image=cuda", "resources.kubernetes.volume_claim=team-nfs", "resources.container.registry=registry.example.com/qa"
     )
     k = _by_kind(docs)
     assert "PersistentVolumeClaim" not in k

@@ -31,6 +31,7 @@ from runner.launch import multinode_argv
 from runner.plan import Plan
 from runner.runs import Run, RunStore
 from runner.spec import job_from_data, load_job
+from runner.spec.models import Resources
 from tests.conftest import ROOT, run_cli
 
 JOB_4NODE = ROOT / "jobs" / "train-72b-4node.yaml"
@@ -115,6 +116,11 @@ def test_preflight_refuses_more_nodes_than_the_partition_has() -> None:
     preflight(plan_for(_job(nodes=1), "slurm"), nodes)  # one node fits
 
 
+def _in_partition(plan: Plan, partition: str) -> Resources:
+    res = plan.resources
+    return res.model_copy(update={"slurm": res.slurm.model_copy(update={"partition": partition})})
+
+
 def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
     plan = plan_for(_job(nodes=2, gpus=8, cpus=None, memory_gb=None), "slurm")
     nodes = [
@@ -125,9 +131,9 @@ def test_preflight_counts_gpus_and_skips_down_nodes() -> None:
     with pytest.raises(EnvironmentProblem, match="partition 'cpu'"):
         preflight(plan, nodes)  # the default partition has no GPUs
     with pytest.raises(EnvironmentProblem, match="2 node\\(s\\), 1 up"):
-        preflight(replace(plan, resources=plan.resources.model_copy(update={"partition": "gpu"})), nodes)
+        preflight(replace(plan, resources=_in_partition(plan, "gpu")), nodes)
     with pytest.raises(EnvironmentProblem, match="no partition 'big'"):
-        preflight(replace(plan, resources=plan.resources.model_copy(update={"partition": "big"})), nodes)
+        preflight(replace(plan, resources=_in_partition(plan, "big")), nodes)
 
 
 def test_multinode_argv_adds_rank_flags_once() -> None:
@@ -224,7 +230,7 @@ def _start_fake(
             "name": name,
             "backend": "slurm",
             "data": {"train": "builtin:mcq"},
-            "resources": {"cpus": 1, "memory_gb": 1, "time": time},
+            "resources": {"cpus": 1, "memory_gb": 1, "slurm": {"time": time}},
             "env": {"STEPS": str(steps), "STEP_S": str(step_s), "SAVE_S": str(save_s)},
         }
     )

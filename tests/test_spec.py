@@ -190,3 +190,107 @@ def test_the_kinds_table_names_each_model_by_its_own_kind() -> None:
     assert list(JOB_MODELS) == ["prepare", "train", "eval", "serve", "tournament"]
     for kind, model in JOB_MODELS.items():
         assert typing.get_args(model.model_fields["kind"].annotation) == (kind,)
+
+
+SECTIONED = """\
+kind: prepare
+name: res
+backend: slurm
+data: {train: builtin:mcq}
+resources:
+  cpus: 2
+  slurm:
+    partition: gpu
+    account: lab
+    time: "01:00:00"
+    container: pyxis
+  kubernetes:
+    namespace: llm
+    storage_class: ceph
+    storage_gb: 50
+    volume_claim: nfs
+  container:
+    shm_gb: 32
+    registry: registry.example.com/team
+"""
+
+FLAT = """\
+kind: prepare
+name: res
+backend: slurm
+data: {train: builtin:mcq}
+resources:
+  cpus: 2
+  partition: gpu
+  account: lab
+  time: "01:00:00"
+  slurm_container: pyxis
+  namespace: llm
+  storage_class: ceph
+  storage_gb: 50
+  volume_claim: nfs
+  shm_gb: 32
+  registry: registry.example.com/team
+"""
+
+
+def test_resources_sections_for_slurm_kubernetes_and_the_container(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, "a.yaml", SECTIONED))
+    res = job.spec.resources  # type: ignore[attr-defined]
+    assert (res.slurm.partition, res.slurm.account, res.slurm.time, res.slurm.container) == (
+        "gpu", "lab", "01:00:00", "pyxis")
+    assert (res.kubernetes.namespace, res.kubernetes.storage_class, res.kubernetes.storage_gb,
+            res.kubernetes.volume_claim) == ("llm", "ceph", 50, "nfs")
+    assert (res.container.shm_gb, res.container.registry) == (32, "registry.example.com/team")
+    assert job.warnings == []
+    p = write(tmp_path, "b.yaml", SECTIONED.replace("    container: pyxis", "    container: docker"))
+    (msg,) = problems(p)
+    assert msg.startswith(f"{p}:11:5: error: resources.slurm.container:")
+
+
+def test_flat_resources_keys_still_load_with_a_warning_each(tmp_path: Path) -> None:
+    new = load_job(write(tmp_path, "new.yaml", SECTIONED))
+    p = write(tmp_path, "old.yaml", FLAT)
+    old = load_job(p)
+    assert old.spec == new.spec
+    # The same spec hashes the same either way, and as it did before resources had sections (the value the
+    # flat layout hashed to), so earlier runs still resume and compare as this spec.
+    assert old.spec_hash == new.spec_hash == "0bcce5ec9596b376"
+    warnings = [str(w) for w in old.warnings]
+    assert warnings[0] == f"{p}:7:3: warning: resources.partition: moved to resources.slurm.partition"
+    assert f"{p}:10:3: warning: resources.slurm_container: moved to resources.slurm.container" in warnings
+    assert f"{p}:16:3: warning: resources.registry: moved to resources.container.registry" in warnings
+    assert len(warnings) == 10
+    # `runner validate` prints them and still exits 0.
+    cli = run_cli("validate", str(p))
+    assert cli.returncode == 0, cli.stderr
+    assert f"{p}:7:3: warning: resources.partition: moved to resources.slurm.partition" in cli.stderr.splitlines()
+    assert "old.yaml: ok (prepare res" in cli.stdout
+
+
+def test_flat_keys_in_extends_and_set_and_stored_runs(tmp_path: Path) -> None:
+    from ruamel.yaml import YAML
+
+    from runner.spec import job_from_data
+
+    # A flat key overrides the sectioned value of the file it extends, as the flat layout did.
+    write(tmp_path, "base.yaml", "resources:\n  container:\n    shm_gb: 64\n  slurm: {partition: a}\n")
+    p = write(tmp_path, "a.yaml", "extends: base.yaml\n" + FLAT.split("resources:")[0] + "resources:\n  shm_gb: 8\n")
+    job = load_job(p, ["resources.partition=b"])
+    res = job.spec.resources  # type: ignore[attr-defined]
+    assert (res.container.shm_gb, res.slurm.partition) == (8, "b")
+    assert [str(w) for w in job.warnings] == [
+        f"{p}:7:3: warning: resources.shm_gb: moved to resources.container.shm_gb",
+        "--set resources.partition:1:1: warning: resources.partition: moved to resources.slurm.partition",
+    ]
+    # A run stored before the sections (its job.yaml in the flat layout) loads as the same spec and hash.
+    stored = YAML(typ="safe").load(FLAT)
+    again = job_from_data(stored)
+    assert again.warnings == [] and again.spec_hash == load_job(write(tmp_path, "n.yaml", SECTIONED)).spec_hash
+
+
+def test_a_key_given_flat_and_in_its_section_is_an_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "a.yaml", SECTIONED.replace("  cpus: 2\n", "  cpus: 2\n  partition: cpu\n"))
+    msgs = problems(p)
+    assert msgs[0].startswith(f"{p}:7:3: error: resources.partition: resources.partition and "
+                              "resources.slurm.partition are both given")

@@ -169,7 +169,7 @@ def container_spec(plan: Plan, run_dir: str, run_id: str, *, uid: int | None = N
         binds=binds,
         user=f"{os.getuid() if uid is None else uid}:{os.getgid() if gid is None else gid}",
         workdir=plan.workdir,
-        shm_size=f"{res.shm_gb}g",
+        shm_size=f"{res.container.shm_gb}g",
         network=network_mode(plan),
         ports=[] if network_mode(plan) == "host" else list(plan.ports),  # the host's own ports: nothing to publish
     )

@@ -190,7 +190,7 @@ class KubernetesBackend:
         res = plan.resources
         flavour = plan.image.flavour if plan.image is not None else "cpu"
         tag = plan.image.tag if plan.image is not None else "qa-runner-cpu:latest"
-        image = f"{res.registry.rstrip('/')}/{tag}" if res.registry else tag
+        image = f"{res.container.registry.rstrip('/')}/{tag}" if res.container.registry else tag
         files: dict[str, str] = {}
         config = {
             "job.yaml": _job_yaml(plan),
@@ -212,13 +212,13 @@ class KubernetesBackend:
                 gpus=res.gpus,
                 cpus=res.cpus,
                 memory_gb=res.memory_gb,
-                shm_gb=res.shm_gb,
+                shm_gb=res.container.shm_gb,
                 gpu_resource="nvidia.com/gpu" if flavour == "cuda" else "amd.com/gpu",
-                namespace=res.namespace,
-                storage_class=res.storage_class,
-                storage_gb=res.storage_gb,
-                claim=res.volume_claim or DEFAULT_CLAIM,
-                create_claim=res.volume_claim is None,
+                namespace=res.kubernetes.namespace,
+                storage_class=res.kubernetes.storage_class,
+                storage_gb=res.kubernetes.storage_gb,
+                claim=res.kubernetes.volume_claim or DEFAULT_CLAIM,
+                create_claim=res.kubernetes.volume_claim is None,
                 image=image,
                 env=[
                     (k, v)
@@ -253,7 +253,7 @@ class KubernetesBackend:
     def start(self, plan: Plan, run: Run, attach: bool = True) -> KubernetesHandle:
         k8s = _client()
         objects = manifests_for_run((run.plan_dir / "kubernetes.yaml").read_text(), run.id)
-        ns = plan.resources.namespace
+        ns = plan.resources.kubernetes.namespace
         name = object_name(plan.name, run.id)
         core, batch = k8s.client.CoreV1Api(), k8s.client.BatchV1Api()
         # A resumed run reuses its names: clear what its last attempt left behind.

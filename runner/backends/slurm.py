@@ -177,14 +177,14 @@ def preflight(plan: Plan, nodes: list[SlurmNode]) -> None:
     """Refuse a job that this cluster could never start, instead of letting it pend forever."""
     res = plan.resources
     default = next((p.rstrip("*") for n in nodes for p in n.partitions if p.endswith("*")), None)
-    partition = res.partition or default
+    partition = res.slurm.partition or default
     if partition is None:
-        raise EnvironmentProblem("Slurm has no default partition; set resources.partition in the job file")
+        raise EnvironmentProblem("Slurm has no default partition; set resources.slurm.partition in the job file")
     in_part = [n for n in nodes if partition in (p.rstrip("*") for p in n.partitions)]
     if not in_part:
         known = sorted({p.rstrip("*") for n in nodes for p in n.partitions})
         raise EnvironmentProblem(
-            f"Slurm has no partition {partition!r} (it has: {', '.join(known) or 'none'}); fix resources.partition"
+            f"Slurm has no partition {partition!r} (it has: {', '.join(known) or 'none'}); fix resources.slurm.partition"
         )
     usable = [n for n in in_part if n.usable]
     fitting = [
@@ -205,7 +205,7 @@ def preflight(plan: Plan, nodes: list[SlurmNode]) -> None:
         f"the job asks for resources.nodes={res.nodes}{' with ' + each + ' each' if each else ''}, but Slurm "
         f"partition {partition!r} has {len(in_part)} node(s), {len(usable)} up, {len(fitting)} big enough "
         f"(largest: {biggest.name} with {biggest.gpus} GPU(s), {biggest.cpus} CPUs, {biggest.memory_mb // 1024} GB); "
-        f"it would wait forever. Lower resources.nodes/gpus/cpus/memory_gb or pick another resources.partition"
+        f"it would wait forever. Lower resources.nodes/gpus/cpus/memory_gb or pick another resources.slurm.partition"
     )
 
 
@@ -266,7 +266,7 @@ class SlurmBackend:
         from runner.templating import render_template
 
         res = plan.resources
-        runtime = getattr(res, "slurm_container", "none")
+        runtime = res.slurm.container
         env: list[tuple[str, str | None]] = [
             (k, None if k in plan.secret_env else v)
             for k, v in sorted(plan.env.items())
@@ -294,14 +294,14 @@ class SlurmBackend:
                 gpus=res.gpus,
                 cpus=res.cpus,
                 memory_gb=res.memory_gb,
-                time=res.time,
-                partition=res.partition,
-                account=res.account,
+                time=res.slurm.time,
+                partition=res.slurm.partition,
+                account=res.slurm.account,
                 image=image if runtime != "none" else None,
                 workdir=plan.workdir,
                 env=env,
                 path_prepend=str(Path(sys.executable).parent) if runtime == "none" else None,
-                signal_lead_s=signal_lead_s(res.time),
+                signal_lead_s=signal_lead_s(res.slurm.time),
                 srun_extra=srun_extra,
                 task_prefix=task_prefix,
                 exit_cancelled=EXIT_CANCELLED,

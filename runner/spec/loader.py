@@ -1,7 +1,8 @@
 """Load job files: YAML with line marks, `extends:` fragments, `--set` overrides and `${env:X}` values.
 
 Every problem comes back as a `Problem` that points at FILE:LINE:COL and names the dotted field path,
-so `runner validate` can print one line per problem and never a traceback.
+so `runner validate` can print one line per problem and never a traceback. Deprecated keys still load, with a
+warning `Problem` each.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
@@ -39,10 +40,11 @@ class Problem:
     mark: Mark
     path: str
     message: str
+    level: Literal["error", "warning"] = "error"
 
     def __str__(self) -> str:
-        where = f"{self.mark.file}:{self.mark.line}:{self.mark.col}"
-        return f"{where}: error: {self.path}: {self.message}" if self.path else f"{where}: error: {self.message}"
+        where = f"{self.mark.file}:{self.mark.line}:{self.mark.col}: {self.level}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
 class SpecError(Exception):
@@ -62,6 +64,8 @@ class Job:
     # Dotted paths whose values came from `${env:...}`, with the template as written: stored and hashed as
     # the template, so a token never lands in a run directory and rotating it does not change the spec hash.
     templates: dict[str, str] = field(default_factory=dict)
+    # Deprecated keys the job file used (they still work): one warning each, for the CLI to print.
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def secret_paths(self) -> set[str]:
@@ -104,6 +108,10 @@ class Job:
 def spec_hash(data: dict[str, Any]) -> str:
     """Hash of what a job computes: stable across key order, comments and free-text fields."""
     d = {k: v for k, v in data.items() if k not in ("description", "tags")}
+    if isinstance(d.get("resources"), dict):
+        # Hashed in the flat layout resources had before its backend sections: runs from before keep their
+        # hash, so they still resume, compare and trace as the same spec.
+        d["resources"] = models.flat_resources(d["resources"])
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -174,10 +182,26 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_tree(path: Path, marks: dict[Path_, Mark], stack: tuple[Path, ...]) -> dict[str, Any]:
+def _move_deprecated(data: dict[str, Any], marks: dict[Path_, Mark], warnings: list[Problem]) -> None:
+    """Move one file's flat `resources` keys into their sections, before it is merged with the files it extends
+    (so a flat key overrides a base's sectioned one as it did before), with a warning per key."""
+    res = data.get("resources")
+    if not isinstance(res, dict):
+        return
+    data["resources"], moved = models.move_flat_resources(res)
+    for old in moved:
+        section, key = models.MOVED_RESOURCES[old]
+        mark = marks.pop(("resources", old), marks[()])
+        marks[("resources", section, key)] = mark
+        warnings.append(Problem(mark, f"resources.{old}", f"moved to resources.{section}.{key}", "warning"))
+
+
+def _load_tree(path: Path, marks: dict[Path_, Mark], stack: tuple[Path, ...],
+               warnings: list[Problem]) -> dict[str, Any]:
     """Read `path` and everything it extends; later files win, the extending file wins over its bases."""
     own_marks: dict[Path_, Mark] = {}
     data = _read_yaml(path, own_marks)
+    _move_deprecated(data, own_marks, warnings)
     ext = data.pop("extends", None)
     merged: dict[str, Any] = {}
     base_marks: dict[Path_, Mark] = {}
@@ -194,7 +218,7 @@ def _load_tree(path: Path, marks: dict[Path_, Mark], stack: tuple[Path, ...]) ->
             if target in stack:
                 chain = " -> ".join(p.name for p in (*stack, target))
                 raise SpecError([Problem(mark, "extends", f"extends cycle: {chain}")])
-            merged = _deep_merge(merged, _load_tree(target, base_marks, (*stack, target)))
+            merged = _deep_merge(merged, _load_tree(target, base_marks, (*stack, target), warnings))
     own_marks.pop(("extends",), None)
     own_marks = {k: v for k, v in own_marks.items() if not (k and k[0] == "extends")}
     # A key set by the extending file takes the extending file's mark; lists are replaced whole.
@@ -349,21 +373,37 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), back
     """Read, merge, interpolate and validate one job file; raise SpecError with every problem found."""
     p = Path(path)
     marks: dict[Path_, Mark] = {}
-    data = _load_tree(p.resolve(), marks, (p.resolve(),))
+    warnings: list[Problem] = []
+    data = _load_tree(p.resolve(), marks, (p.resolve(),), warnings)
     # Show marks with the path as the user wrote it.
     shown = str(p)
     for k, m in list(marks.items()):
         if m.file == str(p.resolve()):
             marks[k] = Mark(shown, m.line, m.col)
     marks[()] = Mark(shown, 1, 1)
+    warnings = [replace(w, mark=Mark(shown, w.mark.line, w.mark.col)) if w.mark.file == str(p.resolve()) else w
+                for w in warnings]
     for expr in overrides:
-        _apply_set(data, expr, marks)
+        _apply_set(data, _moved_set(expr, warnings), marks)
     if backend is not None:
         data["backend"] = backend
-    return _resolve(data, marks, p)
+    return _resolve(data, marks, p, warnings)
 
 
-def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path) -> Job:
+def _moved_set(expr: str, warnings: list[Problem]) -> str:
+    """`--set resources.partition=x` -> `--set resources.slurm.partition=x`, with a warning."""
+    key, sep, raw = expr.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or parts[0] != "resources" or parts[1] not in models.MOVED_RESOURCES:
+        return expr
+    section, new = models.MOVED_RESOURCES[parts[1]]
+    warnings.append(Problem(Mark(f"--set {key.strip()}", 1, 1), key.strip(), f"moved to resources.{section}.{new}",
+                            "warning"))
+    return f"resources.{section}.{new}={raw}"
+
+
+def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path,
+             warnings: list[Problem] | None = None) -> Job:
     shown = str(source)
     problems: list[Problem] = []
     secrets: dict[str, str] = {}
@@ -382,10 +422,13 @@ def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path) -> Jo
         spec = model.model_validate(data)
     except ValidationError as e:
         problems.extend(_problems_from(e, model, marks))
+    def order(q: Problem) -> tuple[bool, int, int]:
+        return q.mark.file != shown, q.mark.line, q.mark.col
+
+    warnings = sorted(warnings or [], key=order)
     if problems:
-        problems.sort(key=lambda q: (q.mark.file != shown, q.mark.line, q.mark.col))
-        raise SpecError(problems)
-    return Job(spec=spec, source=source, templates=secrets)
+        raise SpecError(sorted(problems + warnings, key=order))
+    return Job(spec=spec, source=source, templates=secrets, warnings=warnings)
 
 
 def job_from_stored(data: dict[str, Any], source: str = "job.yaml") -> Job:

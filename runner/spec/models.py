@@ -6,7 +6,7 @@ Every field has a description (it feeds `runner schema` and the docs); unknown k
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,86 @@ class Section(BaseModel):
 # --- where and how it runs -------------------------------------------------------------------------
 
 
+class SlurmResources(Section):
+    partition: str | None = Field(None, description="Slurm partition (default: the cluster's default partition).")
+    account: str | None = Field(None, description="Slurm account.")
+    time: str | None = Field(None, description="Wall-clock limit, Slurm syntax (e.g. `12:00:00`).")
+    container: Literal["none", "apptainer", "pyxis"] = Field(
+        "none",
+        description="How Slurm runs the job: `none` (the project's .venv on shared storage), `apptainer` "
+        "(a .sif of the image) or `pyxis` (`srun --container-image`).",
+    )
+
+
+class KubernetesResources(Section):
+    namespace: str = Field("default", description="Kubernetes namespace.")
+    storage_class: str | None = Field(None, description="Storage class for the run volume the runner creates.")
+    storage_gb: int = Field(
+        500, ge=1, description="Size of the run volume (runs + model cache) the job claims, in GB."
+    )
+    volume_claim: str | None = Field(
+        None,
+        description="An existing ReadWriteMany PersistentVolumeClaim for runs, data and cache; default: "
+        "`qa-runner-runs`, created on first use and shared by the jobs of the namespace.",
+    )
+
+
+class ContainerResources(Section):
+    shm_gb: int = Field(16, ge=1, description="Size of /dev/shm inside the container (Docker, Kubernetes), in GB.")
+    registry: str | None = Field(
+        None,
+        description="Registry prefix the cluster pulls the job's image from (e.g. `registry.example.com/team`); "
+        "Kubernetes and Slurm/pyxis need the image pushed there.",
+    )
+
+
+# The flat keys `resources` had before its backend sections, and the section and key each moved to. Job files
+# and stored runs that use them still load (the loader warns about them in job files).
+MOVED_RESOURCES: dict[str, tuple[str, str]] = {
+    "partition": ("slurm", "partition"),
+    "account": ("slurm", "account"),
+    "time": ("slurm", "time"),
+    "slurm_container": ("slurm", "container"),
+    "namespace": ("kubernetes", "namespace"),
+    "storage_class": ("kubernetes", "storage_class"),
+    "storage_gb": ("kubernetes", "storage_gb"),
+    "volume_claim": ("kubernetes", "volume_claim"),
+    "shm_gb": ("container", "shm_gb"),
+    "registry": ("container", "registry"),
+}
+
+
+def move_flat_resources(res: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`res` with its flat keys from MOVED_RESOURCES moved into their sections, and the keys it moved.
+
+    A key that is also given in its section, or whose section is not a mapping, stays where it is for the
+    model to report."""
+    out = dict(res)
+    moved = []
+    for old, (section, key) in MOVED_RESOURCES.items():
+        if old not in out:
+            continue
+        sec = out.get(section, {})
+        if not isinstance(sec, dict) or key in sec:
+            continue
+        out[section] = {**sec, key: out.pop(old)}
+        moved.append(old)
+    return out, moved
+
+
+def flat_resources(res: dict[str, Any]) -> dict[str, Any]:
+    """`res` (a dumped Resources) in the flat layout of before the sections: what spec hashes are computed over."""
+    out = dict(res)
+    for old, (section, key) in MOVED_RESOURCES.items():
+        sec = out.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec = out[section] = {k: v for k, v in sec.items() if k != key}
+            out[old] = res[section][key]
+            if not sec:
+                del out[section]
+    return out
+
+
 class Resources(Section):
     gpus: int = Field(0, ge=0, le=64, description="GPUs per node (0 = CPU only).")
     nodes: int = Field(1, ge=1, le=1024, description="Number of nodes (machines); >1 needs slurm or kubernetes.")
@@ -45,30 +125,28 @@ class Resources(Section):
     )
     cpus: int | None = Field(None, ge=1, description="CPU cores per node to request.")
     memory_gb: int | None = Field(None, ge=1, description="Host memory per node to request, in GB.")
-    shm_gb: int = Field(16, ge=1, description="Size of /dev/shm inside the container, in GB.")
-    time: str | None = Field(None, description="Wall-clock limit, Slurm syntax (e.g. `12:00:00`).")
-    partition: str | None = Field(None, description="Slurm partition.")
-    account: str | None = Field(None, description="Slurm account.")
-    namespace: str = Field("default", description="Kubernetes namespace.")
-    storage_class: str | None = Field(None, description="Kubernetes storage class for the run volume.")
-    storage_gb: int = Field(
-        500, ge=1, description="Kubernetes: size of the run volume (runs + model cache) the job claims, in GB."
+    slurm: SlurmResources = Field(
+        default_factory=SlurmResources, description="Slurm only: partition, account, time limit, container runtime."
     )
-    volume_claim: str | None = Field(
-        None,
-        description="Kubernetes: an existing ReadWriteMany PersistentVolumeClaim for runs, data and cache; "
-        "default: `qa-runner-runs`, created on first use and shared by the jobs of the namespace.",
+    kubernetes: KubernetesResources = Field(
+        default_factory=KubernetesResources, description="Kubernetes only: namespace and the run volume."
     )
-    registry: str | None = Field(
-        None,
-        description="Registry prefix the cluster pulls the job's image from (e.g. `registry.example.com/team`); "
-        "Kubernetes and Slurm/pyxis need the image pushed there.",
+    container: ContainerResources = Field(
+        default_factory=ContainerResources,
+        description="The job's container (Docker, Kubernetes, Slurm with a container): /dev/shm, image registry.",
     )
-    slurm_container: Literal["none", "apptainer", "pyxis"] = Field(
-        "none",
-        description="How Slurm runs the job: `none` (the project's .venv on shared storage), `apptainer` "
-        "(a .sif of the image) or `pyxis` (`srun --container-image`).",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, _ = move_flat_resources(data)
+        for old, (section, key) in MOVED_RESOURCES.items():
+            if old in data and isinstance(data.get(section), dict) and key in data[section]:
+                raise At(old, f"resources.{old} and resources.{section}.{key} are both given; {old} moved to "
+                              f"{section}.{key}: keep that one")
+        return data
 
 
 class Mount(Section):
