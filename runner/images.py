@@ -67,10 +67,15 @@ class ImageDef(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="Environment baked into the image.")
 
 
+def image_names(images_dir: Path = IMAGES_DIR) -> list[str]:
+    """The images a job's `image:` can name: one per images/<name>.yaml."""
+    return sorted(p.stem for p in images_dir.glob("*.yaml"))
+
+
 def load_image_def(name: str, images_dir: Path = IMAGES_DIR) -> ImageDef:
     path = images_dir / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in images_dir.glob("*.yaml"))
+        known = image_names(images_dir)
         raise ImageError(f"no image definition {path}; known images: {', '.join(known) or 'none'}")
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError

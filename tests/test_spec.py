@@ -294,3 +294,27 @@ def test_a_key_given_flat_and_in_its_section_is_an_error(tmp_path: Path) -> None
     msgs = problems(p)
     assert msgs[0].startswith(f"{p}:7:3: error: resources.partition: resources.partition and "
                               "resources.slurm.partition are both given")
+
+
+def test_an_unknown_image_is_an_error_at_validate_with_the_valid_names(tmp_path: Path) -> None:
+    from runner.images import image_names
+    from runner.spec import job_from_stored
+
+    names = image_names()
+    assert {"cpu", "cuda", "rocm"} <= set(names)
+    p = write(tmp_path, "job.yaml", "kind: prepare\nname: img\nbackend: docker\ndata: {train: builtin:mcq}\n"
+              "image: rocmm\n")
+    cli = run_cli("validate", str(p))
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    (line,) = cli.stderr.strip().splitlines()
+    assert line.startswith(f"{p}:5:1: error: image: unknown image 'rocmm' (valid: {', '.join(names)};")
+    assert line.endswith("did you mean 'rocm'?")
+    plan = run_cli("plan", str(p), "--backend", "docker")
+    assert plan.returncode == 2 and "Traceback" not in plan.stderr and ":5:1: error: image:" in plan.stderr
+    # Every defined image is valid, also through --set; a stored run is not checked (its images/ may differ).
+    for name in names:
+        assert load_job(p, [f"image={name}"]).spec.image == name  # type: ignore[attr-defined]
+    (msg,) = problems(p, "image=gpu")
+    assert msg.startswith("--set image:1:1: error: image: unknown image 'gpu'")
+    stored = {**load_job(p, ["image=cpu"]).stored_data(), "image": "site-image"}
+    assert job_from_stored(stored).spec.image == "site-image"  # type: ignore[attr-defined]

@@ -343,6 +343,22 @@ def _suggest(word: str, options: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
+def _image_problem(data: dict[str, Any], marks: dict[Path_, Mark]) -> Problem | None:
+    """`image:` names no definition in images/ (it would fail only at `runner plan`/`run` on a container backend)."""
+    image = data.get("image")
+    if not isinstance(image, str):
+        return None  # absent (the default) or not a string, which the model reports
+    from runner.images import image_names
+
+    names = image_names()
+    if not names or image in names:
+        return None  # no images/ here (an installed package): nothing to check against
+    close = difflib.get_close_matches(image, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return Problem(_mark_for(("image",), marks), "image",
+                   f"unknown image {image!r} (valid: {', '.join(names)}; images/<name>.yaml defines each){hint}")
+
+
 def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Path_, Mark]) -> list[Problem]:
     out = []
     for e in err.errors(include_url=False):
@@ -387,7 +403,7 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), back
         _apply_set(data, _moved_set(expr, warnings), marks)
     if backend is not None:
         data["backend"] = backend
-    return _resolve(data, marks, p, warnings)
+    return _resolve(data, marks, p, warnings, check_image=True)
 
 
 def _moved_set(expr: str, warnings: list[Problem]) -> str:
@@ -403,11 +419,15 @@ def _moved_set(expr: str, warnings: list[Problem]) -> str:
 
 
 def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path,
-             warnings: list[Problem] | None = None) -> Job:
+             warnings: list[Problem] | None = None, check_image: bool = False) -> Job:
+    """Interpolate and validate; `check_image` for job files (a stored run is read where images/ may be absent)."""
     shown = str(source)
     problems: list[Problem] = []
     secrets: dict[str, str] = {}
     data = _interpolate(data, (), marks, problems, secrets)
+    image = _image_problem(data, marks) if check_image else None
+    if image is not None:
+        problems.append(image)
     kind = data.get("kind")
     if kind is None:
         problems.append(Problem(marks[()], "kind", f"required field is missing; one of: {', '.join(JOB_MODELS)}"))
@@ -422,6 +442,7 @@ def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path,
         spec = model.model_validate(data)
     except ValidationError as e:
         problems.extend(_problems_from(e, model, marks))
+
     def order(q: Problem) -> tuple[bool, int, int]:
         return q.mark.file != shown, q.mark.line, q.mark.col
 
