@@ -133,19 +133,21 @@ class Resources(Section):
     )
     container: ContainerResources = Field(
         default_factory=ContainerResources,
-        description="The job's container (Docker, Kubernetes, Slurm with a container): /dev/shm, image registry.",
+        description="The job's container: size of /dev/shm, registry a cluster pulls the image from.",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _flat_keys(cls, data: Any) -> Any:
+        # Stored runs and job_from_data callers may use the flat keys; the loader has already moved (and
+        # warned about) a job file's, so only a key given twice is still here to report.
         if not isinstance(data, dict):
             return data
         data, _ = move_flat_resources(data)
         for old, (section, key) in MOVED_RESOURCES.items():
             if old in data and isinstance(data.get(section), dict) and key in data[section]:
-                raise At(old, f"resources.{old} and resources.{section}.{key} are both given; {old} moved to "
-                              f"{section}.{key}: keep that one")
+                raise At(old, f"resources.{old} and resources.{section}.{key} are both given; remove "
+                              f"resources.{old} (it moved to resources.{section}.{key})")
         return data
 
 
