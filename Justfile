@@ -48,7 +48,7 @@ lint: bootstrap
     .venv/bin/ruff check runner tests bench
     .venv/bin/mypy runner
     # What runs inside the ROCm image (its pinned base ships Python 3.10), and what it imports, must stay 3.10-compatible.
-    .venv/bin/vermin -t=3.10- --no-tips --eval-annotations --violations runner/workloads runner/spec agents runner/runs.py runner/registry.py runner/stats.py runner/paths.py runner/files.py
+    .venv/bin/vermin -t=3.10- --no-tips --eval-annotations --violations runner/workloads runner/spec agents runner/runs.py runner/registry runner/stats.py runner/paths.py runner/files.py
 
 # Benchmarks on this machine, as ratios against a baseline measured in the same process.
 bench *ARGS: bootstrap

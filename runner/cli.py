@@ -440,7 +440,7 @@ def promote(
     force: bool = typer.Option(False, "--force", help="Skip the promotion gate (recorded in the manifest)."),
 ) -> None:
     """Copy a checkpoint into the registry as a new immutable version; optionally move an alias, build an image."""
-    from runner.registry import promote_main
+    from runner.registry_cli import promote_main
 
     raise Exit(promote_main(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force))
 
@@ -448,7 +448,7 @@ def promote(
 @registry_app.command("ls")
 def registry_ls(name: str | None = typer.Argument(None, help="Only this name.")) -> None:
     """List registry names, versions and aliases."""
-    from runner.registry import ls_main
+    from runner.registry_cli import ls_main
 
     raise Exit(ls_main(name))
 
@@ -456,7 +456,7 @@ def registry_ls(name: str | None = typer.Argument(None, help="Only this name."))
 @registry_app.command("show")
 def registry_show(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME:vN.")) -> None:
     """A version's manifest: files, lineage back to the run and spec, metrics, image."""
-    from runner.registry import show_main
+    from runner.registry_cli import show_main
 
     raise Exit(show_main(ref))
 
@@ -464,7 +464,7 @@ def registry_show(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME:
 @registry_app.command("verify")
 def registry_verify(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAME:vN.")) -> None:
     """Re-hash a version's files against its manifest."""
-    from runner.registry import verify_main
+    from runner.registry_cli import verify_main
 
     raise Exit(verify_main(ref))
 

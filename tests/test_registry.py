@@ -19,17 +19,12 @@ from typing import Any
 import pytest
 from conftest import MMLU, ROOT, run_cli
 
-from runner import registry
-from runner.registry import (
-    IntegrityError,
-    Registry,
-    RegistryError,
-    parse_ref,
-    resolve_artifact,
-    validate_name,
-)
+from runner.files import sha256_file
+from runner.registry import IntegrityError, Registry, RegistryError, parse_ref, resolve_artifact
+from runner.registry.store import Ref, validate_name, verify_dir
 from runner.runs import RunStore
 from runner.spec import job_from_data
+from runner.stats import mcnemar
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +110,7 @@ def test_promote_best_writes_an_immutable_version_with_lineage(runner_home: Path
     assert "adapter/adapter_model.safetensors" in m["files"] and "source/job.yaml" in m["files"]
     assert not any("optimizer" in f for f in m["files"])
     for rel, meta in m["files"].items():
-        assert registry.sha256_file(vdir / rel) == meta["sha256"]
+        assert sha256_file(vdir / rel) == meta["sha256"]
         assert not os.access(vdir / rel, os.W_OK) or os.geteuid() == 0
         assert (vdir / rel).stat().st_mode & 0o222 == 0, f"{rel} is writable"
 
@@ -194,7 +189,7 @@ def test_gate_accepts_an_equal_or_better_candidate_with_a_paired_test(runner_hom
     assert f"candidate-only correct {b_only}, holder-only correct {c_only}" in p.stdout
     g = manifest(runner_home, "qa", 2)["promotion"]["gate"]
     assert g["decision"] == "accepted" and g["paired_test"]["n"] == 30
-    assert g["paired_test"]["p_value"] == pytest.approx(registry.mcnemar(b_only, c_only), abs=1e-6)
+    assert g["paired_test"]["p_value"] == pytest.approx(mcnemar(b_only, c_only), abs=1e-6)
     assert Registry(runner_home).resolve("qa@champion") == ("qa", 2)
 
 
@@ -251,11 +246,43 @@ def test_gate_needs_the_same_eval_set(runner_home: Path, adapters: dict[str, Pat
 
 
 def test_mcnemar_on_known_tables() -> None:
-    assert registry.mcnemar(0, 0) == 1.0
+    assert mcnemar(0, 0) == 1.0
     # Exact binomial: b=1, c=9 -> 2 * P(X <= 1 | n=10, p=1/2) = 2 * 11/1024
-    assert registry.mcnemar(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar(1, 9) == pytest.approx(22 / 1024)
     # Chi-square with continuity correction: b=10, c=30 -> (|10-30|-1)^2/40 = 9.025 -> p = 0.002663
-    assert registry.mcnemar(10, 30) == pytest.approx(0.0026636, abs=1e-6)
+    assert mcnemar(10, 30) == pytest.approx(0.0026636, abs=1e-6)
+
+
+def _mcnemar_as_the_registry_had_it(b: int, c: int) -> float:
+    """The registry's own McNemar before the gate used runner.stats, kept to compare against."""
+    import math
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    if n < 25:
+        tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+        return min(1.0, 2 * tail)
+    return math.erfc(math.sqrt((abs(b - c) - 1) ** 2 / n / 2))
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (0, 1), (1, 9), (5, 5), (3, 12), (12, 12), (0, 24), (10, 30), (20, 10),
+                                  (13, 14), (40, 60), (200, 260)])
+def test_the_gate_p_values_match_the_registry_s_former_mcnemar(b: int, c: int) -> None:
+    from runner.registry.gate import paired_test
+
+    cand = {f"q{i}": i < b for i in range(b + c)} | {"both": True}
+    holder = {f"q{i}": i >= b for i in range(b + c)} | {"both": True}
+    t = paired_test(cand, holder)
+    assert t is not None and (t["candidate_only_correct"], t["holder_only_correct"]) == (b, c)
+    assert t["p_value"] == pytest.approx(_mcnemar_as_the_registry_had_it(b, c), abs=1e-6)
+
+
+def test_the_gate_p_value_for_a_tie_above_25_discordant_pairs_is_one() -> None:
+    """Where the two differ: b == c with 26 or more discordant pairs. The former copy subtracted the continuity
+    correction below zero ((0 - 1)^2 / n) and reported p < 1 for a dead heat; runner.stats clamps it at 0."""
+    assert mcnemar(13, 13) == 1.0
+    assert _mcnemar_as_the_registry_had_it(13, 13) == pytest.approx(0.8445, abs=1e-4)
 
 
 # --- aliases, refs, names ------------------------------------------------------------------------------
@@ -291,9 +318,9 @@ def test_invalid_names_are_refused(runner_home: Path, bad: str) -> None:
 
 
 def test_refs_and_aliases_are_validated() -> None:
-    assert parse_ref("qa-agent@champion") == registry.Ref("qa-agent", alias="champion")
-    assert parse_ref("qa-agent:v3") == registry.Ref("qa-agent", version=3)
-    assert parse_ref("registry:qa.agent_2:4") == registry.Ref("qa.agent_2", version=4)
+    assert parse_ref("qa-agent@champion") == Ref("qa-agent", alias="champion")
+    assert parse_ref("qa-agent:v3") == Ref("qa-agent", version=3)
+    assert parse_ref("registry:qa.agent_2:4") == Ref("qa.agent_2", version=4)
     for bad in ("qa@../x", "qa:latest", "qa@v2", "qa:v0", "qa@"):
         with pytest.raises(RegistryError):
             parse_ref(bad)
@@ -345,6 +372,16 @@ def test_registry_imports_no_torch() -> None:
     code = ("import sys, runner.registry, runner.cli; from runner.registry import resolve_artifact; "
             "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_registry_package_root_is_only_the_store() -> None:
+    """What the in-container code imports: no Docker SDK, and not the gate, promotion or serving images."""
+    code = ("import sys, runner.registry; "
+            "heavy = [m for m in ('torch', 'transformers', 'docker', 'runner.registry.gate', "
+            "'runner.registry.promote', 'runner.serving_image', 'runner.registry_cli') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 # --- atomicity and concurrency -------------------------------------------------------------------------
@@ -404,7 +441,7 @@ def test_concurrent_promotions_get_distinct_versions(runner_home: Path, adapters
     assert all(p.returncode == 0 for p in procs), outs
     assert Registry(runner_home).versions("qa") == [1, 2, 3]
     for v in (1, 2, 3):
-        assert registry.verify_dir(runner_home / "registry" / "qa" / f"v{v}") == []
+        assert verify_dir(runner_home / "registry" / "qa" / f"v{v}") == []
 
 
 # --- merge ---------------------------------------------------------------------------------------------
@@ -414,7 +451,7 @@ def test_merged_weights_give_the_same_letter_probabilities(runner_home: Path, ad
     import _tiny_lm
     import torch
 
-    from runner.workloads.model.artifact import load_artifact
+    from runner.workloads.recipes.artifact import load_artifact
     from runner.workloads.scoring.scorer import score_mcq
 
     torch.set_num_threads(1)
@@ -441,8 +478,8 @@ def test_a_tiny_base_is_bundled_so_the_version_stands_alone(runner_home: Path, t
     from peft import LoraConfig, get_peft_model
 
     from runner.spec.models import ModelSpec
-    from runner.workloads.model.artifact import load_artifact
     from runner.workloads.model.loading import load_model_and_tokenizer
+    from runner.workloads.recipes.artifact import load_artifact
     from runner.workloads.scoring.scorer import score_mcq
 
     torch.set_num_threads(1)
@@ -491,10 +528,6 @@ train: {{steps: {steps}, batch_size: 16, lr: 0.003, warmup_steps: 2, eval_every:
 def test_quickstart_sized_runs_promote_refuse_and_force(runner_home: Path, tmp_path: Path) -> None:
     """Two real training runs on the tiny base: the better checkpoint becomes @champion, a worse one is refused
     (both numbers printed), --force accepts it, and `registry show` leads back to the run and its spec."""
-    import importlib.util
-
-    if importlib.util.find_spec("runner.workloads.train") is None:
-        pytest.skip("the train workload (runner/workloads/train.py) is not in this tree")
     cks = []
     for name, steps in (("qs-long", 20), ("qs-short", 2)):
         job = tmp_path / f"{name}.yaml"
@@ -530,6 +563,41 @@ def test_quickstart_sized_runs_promote_refuse_and_force(runner_home: Path, tmp_p
                        env={**os.environ, "RUNNER_CACHE": str(tmp_path / "no-cache")})
     assert q.returncode == 0, q.stderr[-2000:]
     assert json.loads(q.stdout.strip().splitlines()[-1])["answer"] in "ABCD"
+
+
+# --- serving image files -------------------------------------------------------------------------------
+
+
+def test_the_baked_serve_job_is_a_valid_serve_job(tmp_path: Path) -> None:
+    from runner.serving_image import (
+        SERVING_JOB,
+        SERVING_PORT,
+        SERVING_ROOT,
+        render_serving_files,
+        serve_job_data,
+        serve_job_yaml,
+    )
+    from runner.spec import load_job
+    from runner.spec.serve import ServeJob
+
+    job = serve_job_data("qa-agent", 3)
+    assert isinstance(job, ServeJob)
+    assert job.kind == "serve" and job.name == "qa-agent-v3" and job.registry == SERVING_ROOT and job.model is None
+    assert (job.server.host, job.server.port) == ("0.0.0.0", SERVING_PORT)
+    text = serve_job_yaml(job)
+    # The file as images have always carried it: only what is set, kind and name first.
+    assert text == ("kind: serve\nname: qa-agent-v3\nregistry: /srv/qa-runner/artifact\n"
+                    "server:\n  host: 0.0.0.0\n  port: 8000\n")
+    (tmp_path / "serve.yaml").write_text(text)
+    assert load_job(tmp_path / "serve.yaml").spec == job
+    manifest = {"source": {"run": "qa/20990101-000000-0001", "spec_hash": "abc"}, "base_model": {"base": "tiny"},
+                "merged": None}
+    files = render_serving_files("qa-runner-cpu:x", "qa-agent", 3, manifest)
+    assert files["serve.yaml"] == text and f"COPY serve.yaml {SERVING_JOB}" in files["Dockerfile"]
+    # A name near the 63-character limit leaves no room for `-vN`: no serve job is baked in.
+    assert serve_job_data("a" * 61, 3) is None
+    files = render_serving_files("qa-runner-cpu:x", "a" * 61, 3, manifest)
+    assert "serve.yaml" not in files and "HEALTHCHECK" not in files["Dockerfile"]
 
 
 # --- serving image on the real engine ------------------------------------------------------------------
@@ -576,11 +644,9 @@ def test_serving_image_answers_an_mmlu_question(runner_home: Path, adapters: dic
         ok = client.containers.run(f"{name}:v1", ["verify"], remove=True, network_disabled=True).decode()
         assert "ok:" in ok
         # The default entrypoint starts the agents' HTTP service on the artifact.
-        try:
-            client.containers.run(f"{name}:v1", ["python3", "-c", "import fastapi, uvicorn"], remove=True,
-                                  network_disabled=True)
-        except docker.errors.ContainerError:
-            pytest.xfail("the job's image flavour lacks fastapi/uvicorn, so `serve` cannot start in the serving image")
+        # The cpu flavour ships the service's stack: an image without it is a regression, not an expected failure.
+        client.containers.run(f"{name}:v1", ["python3", "-c", "import fastapi, uvicorn"], remove=True,
+                              network_disabled=True)
         c = client.containers.run(f"{name}:v1", detach=True, network_disabled=True)
         try:
             probe = ("import json, time, urllib.request as u\n"

@@ -1,0 +1,271 @@
+"""What a promotion rests on: which checkpoint of a run is meant (best, last, step-N) and the evaluations of
+it that can be found (the run's validation, `eval` runs on it), each tied to an identified question set."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.registry.store import EXIT_REFUSED, RegistryError
+
+if TYPE_CHECKING:
+    from runner.runs import Run
+
+BEST_POINTERS = ("best", "best.json", "best.txt")
+
+
+def step_of(checkpoint: Path) -> int | None:
+    m = re.fullmatch(r"step-0*([0-9]+)", checkpoint.name)
+    return int(m.group(1)) if m else None
+
+
+def _best_pointer(run: Run) -> Path | None:
+    for name in BEST_POINTERS:
+        p = run.checkpoints_dir / name
+        if p.is_symlink() or p.is_dir():
+            target = Path(os.path.realpath(p))
+            return target if target.is_dir() else None
+        if p.is_file():
+            text = p.read_text().strip()
+            with contextlib.suppress(json.JSONDecodeError):
+                data = json.loads(text)
+                if isinstance(data, dict):
+                    text = str(data.get("checkpoint") or data.get("path") or data.get("name") or "")
+            target = run.checkpoints_dir / Path(text).name
+            return target if target.is_dir() else None
+    return None
+
+
+def _val_accuracy_at(run: Run, step: int) -> float | None:
+    acc = None
+    for m in run.metrics():
+        if m.get("split") == "val" and m.get("step") == step and isinstance(m.get("accuracy"), (int, float)):
+            acc = float(m["accuracy"])
+    return acc
+
+
+def select_checkpoint(run: Run, which: str) -> Path:
+    cks = run.checkpoints()
+    if not cks:
+        raise RegistryError(f"run {run.ref} has no checkpoints in {run.checkpoints_dir}", EXIT_REFUSED)
+    if which == "last":
+        return cks[-1]
+    if which == "best":
+        best = _best_pointer(run)
+        if best is not None:
+            return best
+        scored = [(a, c) for c in cks if (s := step_of(c)) is not None and (a := _val_accuracy_at(run, s)) is not None]
+        if not scored:
+            raise RegistryError(
+                f"run {run.ref} marks no best checkpoint and has no validation accuracy for its checkpoints; "
+                "use --checkpoint last or --checkpoint step-N", EXIT_REFUSED)
+        return max(scored, key=lambda x: (x[0], step_of(x[1]) or 0))[1]
+    m = re.fullmatch(r"(?:step-)?0*([0-9]+)", which)
+    if not m:
+        raise RegistryError(f"invalid --checkpoint {which!r}: use best, last or step-N (e.g. step-200)")
+    step = int(m.group(1))
+    for c in cks:
+        if step_of(c) == step:
+            return c
+    raise RegistryError(f"run {run.ref} has no checkpoint at step {step} (has: {', '.join(c.name for c in cks)})",
+                        EXIT_REFUSED)
+
+
+def _canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def val_set_id(job_data: dict[str, Any]) -> str:
+    """Identifies a train job's validation questions: the data settings that decide them."""
+    data = job_data.get("data") or {}
+    keys = ("val", "val_fraction", "val_limit", "seed")
+    ident = {k: data.get(k) for k in keys}
+    if not data.get("val"):  # split off the training sources
+        ident["train"] = data.get("train")
+    return "val-" + _canonical_hash(ident)
+
+
+def ids_set_id(ids: list[str]) -> str:
+    return "ids-" + _canonical_hash(sorted(ids))
+
+
+def predictions_of(obj: Any) -> dict[str, bool] | None:
+    """{question id: correct} from an eval.json-like object: a `predictions` list of dicts with an id and either
+    `correct` or `pred`/`prediction` + `answer`/`gold`."""
+    preds = obj.get("predictions") if isinstance(obj, dict) else obj
+    if not isinstance(preds, list) or not preds:
+        return None
+    out: dict[str, bool] = {}
+    for i, p in enumerate(preds):
+        if not isinstance(p, dict):
+            return None
+        qid = str(p.get("id", p.get("question_id", i)))
+        if isinstance(p.get("correct"), bool):
+            out[qid] = p["correct"]
+            continue
+        pred = p.get("pred", p.get("prediction", p.get("predicted")))
+        gold = p.get("answer", p.get("gold", p.get("label")))
+        if pred is None or gold is None:
+            return None
+        out[qid] = str(pred) == str(gold)
+    return out
+
+
+@dataclass
+class Eval:
+    """One accuracy measurement of a checkpoint on an identified set of questions."""
+
+    kind: str  # "val" (the training run's validation) or "eval-run" (an `eval` job on this checkpoint)
+    eval_set: str
+    accuracy: float
+    n: int | None
+    source: str  # where the number comes from
+    correct: dict[str, bool] | None = field(default=None, repr=False)
+    predictions_file: str | None = None  # inside the version, once promoted
+
+    def record(self) -> dict[str, Any]:
+        return {"kind": self.kind, "eval_set": self.eval_set, "accuracy": self.accuracy, "n": self.n,
+                "source": self.source, "predictions_file": self.predictions_file}
+
+
+def load_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _val_eval(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> Eval | None:
+    step = step_of(checkpoint)
+    acc = _val_accuracy_at(run, step) if step is not None else None
+    n: int | None = None
+    for m in run.metrics():
+        if m.get("split") == "val" and m.get("step") == step:
+            n = m.get("n") or m.get("n_val") or m.get("count") or n
+    state = load_json(checkpoint / "trainer_state.json")
+    if acc is None and isinstance(state, dict):
+        for key in ("val_accuracy", "accuracy", "best_val_accuracy"):
+            v = state.get(key)
+            if isinstance(v, (int, float)):
+                acc = float(v)
+                break
+        if acc is None and isinstance(state.get("val"), dict) and isinstance(state["val"].get("accuracy"), (int, float)):
+            acc = float(state["val"]["accuracy"])
+    if acc is None:
+        return None
+    correct = None
+    for fn in ("val_predictions.json", "val_predictions.jsonl", "val.json"):
+        p = checkpoint / fn
+        if p.is_file():
+            if fn.endswith(".jsonl"):
+                rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+                correct = predictions_of(rows)
+            else:
+                correct = predictions_of(load_json(p))
+            if correct:
+                break
+    if correct and n is None:
+        n = len(correct)
+    return Eval("val", val_set_id(job_data), acc, int(n) if n is not None else None,
+                f"{run.ref} metrics.jsonl split=val step={step}", correct)
+
+
+def _mentions(obj: Any, needles: tuple[str, ...]) -> bool:
+    if isinstance(obj, str):
+        return any(n and n in obj for n in needles)
+    if isinstance(obj, dict):
+        return any(_mentions(v, needles) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_mentions(v, needles) for v in obj)
+    return False
+
+
+def _values_of(obj: Any, key: str) -> list[Any]:
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in _values_of(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _values_of(v, key)]
+    return []
+
+
+def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
+    """Whether `eval_run` evaluated exactly this run's checkpoint: its job or eval.json names the checkpoint's
+    path, or names this run and a checkpoint selector (best, last, step-N) that resolves to it."""
+    ev = load_json(eval_run.dir / "eval.json")
+    job = eval_run.job_data()
+    ck_real = os.path.realpath(checkpoint)
+    target = ev.get("target") if isinstance(ev, dict) else None
+    if isinstance(target, dict):  # what the eval workload records it scored
+        kind = target.get("type")
+        if kind == "run":
+            return os.path.realpath(str(target.get("checkpoint_path", ""))) == ck_real
+        if kind == "registry":
+            src = target.get("source") or {}
+            return src.get("run_id") == run.id and src.get("checkpoint") == checkpoint.name
+        if kind == "ensemble":  # an ensemble's accuracy is not this checkpoint's
+            return False
+    for src in (ev, job):
+        if _mentions(src, (ck_real, str(checkpoint), str(checkpoint / "adapter"))):
+            return True
+    if not _mentions(job, (run.id,)):
+        # `run: <job name>` means that job's latest run; count it only if that is still this run.
+        from runner.runs import RunError, RunStore
+
+        refs = [v for v in _values_of(job, "run") if isinstance(v, str)]
+        try:
+            if not any(RunStore().get(r).dir == run.dir for r in refs):
+                return False
+        except RunError:
+            return False
+    for sel in _values_of(job, "checkpoint"):
+        if isinstance(sel, (str, int)):
+            with contextlib.suppress(RegistryError):
+                if os.path.realpath(select_checkpoint(run, str(sel))) == ck_real:
+                    return True
+    return False
+
+
+def _eval_run_evals(run: Run, checkpoint: Path) -> list[tuple[Eval, Path]]:
+    from runner.runs import RunStore
+
+    out = []
+    for r in RunStore().list():
+        st = r.status()
+        if st.get("kind") != "eval" or st.get("state") != "succeeded" or not (r.dir / "eval.json").is_file():
+            continue
+        try:
+            if not _eval_targets(run, checkpoint, r):
+                continue
+        except Exception:  # an unreadable eval run is not ours to judge here
+            continue
+        ev = load_json(r.dir / "eval.json")
+        if not isinstance(ev, dict) or not isinstance(ev.get("accuracy"), (int, float)):
+            continue
+        correct = predictions_of(ev)
+        ident = ev.get("eval_set") or ev.get("dataset_hash")
+        eval_set = str(ident) if ident else (ids_set_id(list(correct)) if correct else f"run-{r.id}")
+        n = ev.get("n") or (len(correct) if correct else None)
+        out.append((Eval("eval-run", eval_set, float(ev["accuracy"]), n, f"{r.ref} eval.json", correct),
+                    r.dir / "eval.json"))
+    return out
+
+
+def collect_evals(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> list[tuple[Eval, Path | None]]:
+    found: list[tuple[Eval, Path | None]] = []
+    v = _val_eval(run, checkpoint, job_data)
+    if v is not None:
+        found.append((v, None))
+    found += _eval_run_evals(run, checkpoint)
+    return found
+
+
+def eval_command(run: Run, checkpoint: Path) -> str:
+    job = next((str(p.relative_to(Path.cwd())) for p in sorted(Path.cwd().glob("jobs/eval*.yaml"))), "jobs/eval.yaml")
+    return (f"`runner run {job} --set run={run.id} --set checkpoint={checkpoint.name}` "
+            f"(an `eval` job with `run: {run.id}` and `checkpoint: {checkpoint.name}`)")
