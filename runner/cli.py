@@ -294,9 +294,16 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
     t = Table(box=None, header_style="bold")
     for col in ("run", "job", "kind", "state", "backend", "started", "steps", "val acc"):
         t.add_column(col, no_wrap=True)
+    from runner.runs import RunError
+
+    unreadable: list[str] = []
     for r in _store().list(job):
-        st = r.status()
-        state = reconcile(r)
+        try:
+            st = r.status()
+            state = reconcile(r)
+        except RunError as e:  # one damaged run must not hide the others
+            unreadable.append(str(e))
+            continue
         ms = r.metrics()
         acc = last(ms, "val", "accuracy")
         step = last(ms, "train", "step")
@@ -305,6 +312,8 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
                   "" if step is None else str(step), "" if acc is None else f"{acc:.3f}")
     # Piped output (scripts, tests) is never truncated to a terminal width.
     Console(width=None if sys.stdout.isatty() else 250).print(t)
+    for problem in unreadable:
+        err(f"warning: skipped a run: {problem}")
 
 
 @app.command()

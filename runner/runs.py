@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -34,6 +35,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset({"running"}),
     "succeeded": frozenset(),
 }
+
+
+# A job name or a run id: what a run reference may contain before it touches the file system.
+REF_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RunError(Exception):
@@ -97,12 +102,17 @@ class Run:
         return self.dir / "events.jsonl"
 
     def status(self) -> dict[str, Any]:
+        path = self.dir / "status.json"
         try:
-            return dict(json.loads((self.dir / "status.json").read_text()))
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return {"state": "pending"}
-        except json.JSONDecodeError as e:
-            raise RunError(f"{self.dir / 'status.json'} is unreadable ({e}); remove the run with `rm -r {self.dir}`") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{path} is unreadable ({e}); remove the run with `rm -r {self.dir}`") from e
+        if not isinstance(data, dict):
+            raise RunError(f"{path} holds a JSON {type(data).__name__}, not an object; remove the run with "
+                           f"`rm -r {self.dir}`")
+        return data
 
     @property
     def state(self) -> str:
@@ -167,7 +177,11 @@ class Run:
             os.close(fd)
 
     def is_locked(self) -> bool:
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Whether a process holds the run's lock. Read-only: a run that was never locked has no `.lock`."""
+        try:
+            fd = os.open(self.dir / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -260,6 +274,11 @@ class RunStore:
 
     def get(self, ref: str) -> Run:
         """A run by id, `job/id`, a unique id prefix, or a job name (its latest run)."""
+        if not all(REF_PART_RE.fullmatch(part) for part in ref.split("/", 1)):
+            raise RunError(
+                f"{ref!r} is not a run reference: use a run id, JOB/RUN-ID or a job name "
+                "(letters, digits, '.', '_', '-'; no '..', no other '/')"
+            )
         if "/" in ref:
             job, rid = ref.split("/", 1)
             d = self.runs_dir / job / rid

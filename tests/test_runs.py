@@ -121,3 +121,53 @@ def test_secrets_from_the_environment_never_reach_the_run_directory(tmp_path: Pa
     again = load_job(p)
     assert again.spec_hash == job.spec_hash
     assert job_from_stored(r.job_data()).spec.env["HF_TOKEN"] == "rotated-987654321"  # type: ignore[attr-defined]
+
+
+def test_a_run_reference_outside_the_store_is_refused_before_it_touches_the_disk(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for ref in (f"../../../../../../{victim}", "../x", "demo/../../x", "a/b/c", "demo\n", ".hidden"):
+        with pytest.raises(RunError, match="not a run reference"):
+            RunStore().get(ref)
+    p = run_cli("show", f"../../../../../../../..{victim}")
+    assert p.returncode == 2 and "not a run reference" in p.stderr and "Traceback" not in p.stderr
+    assert list(victim.iterdir()) == []
+
+
+def test_reading_a_run_never_writes_a_lock_file(job) -> None:  # type: ignore[no-untyped-def]
+    r = RunStore().create(job)
+    assert not (r.dir / ".lock").exists()
+    assert not r.is_locked()
+    assert not (r.dir / ".lock").exists()
+    RunStore().find_resumable(job)  # looks at every unfinished run's lock
+    assert not (r.dir / ".lock").exists()
+
+
+def test_damaged_status_files_are_named_and_listing_goes_on(job) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import run_cli
+
+    good = RunStore().create(job)
+    torn = RunStore().create(job)
+    (torn.dir / "status.json").write_text('{"state": "runn')
+    stringy = RunStore().create(job)
+    (stringy.dir / "status.json").write_text('"running"')
+    with pytest.raises(RunError, match="holds a JSON str, not an object"):
+        stringy.status()
+    with pytest.raises(RunError, match="is unreadable"):
+        torn.status()
+    p = run_cli("ls")
+    assert p.returncode == 0, p.stderr
+    assert good.id in p.stdout and torn.id not in p.stdout and stringy.id not in p.stdout
+    assert str(torn.dir / "status.json") in p.stderr and str(stringy.dir / "status.json") in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_name_with_a_trailing_newline_is_invalid(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    f = tmp_path / "nl.yaml"
+    f.write_text('kind: train\nname: "b17b\\n"\nmodel: {base: tiny}\ndata: {train: builtin:quickstart}\n')
+    p = run_cli("validate", str(f))
+    assert p.returncode == 2 and f"{f}:2:" in p.stderr and "name" in p.stderr, p.stderr

@@ -64,12 +64,12 @@ class IntegrityError(RegistryError):
 
 
 def validate_name(value: str, what: str = "name") -> str:
-    if not value or len(value) > MAX_NAME or not NAME_RE.match(value):
+    if not value or len(value) > MAX_NAME or not NAME_RE.fullmatch(value):
         raise RegistryError(
             f"invalid registry {what} {value!r}: use 1-{MAX_NAME} lowercase letters and digits, optionally joined by "
             "single '.', '_' or '-' (e.g. qa-agent); no '/', '..', spaces or shell characters"
         )
-    if what == "alias" and VERSION_DIR_RE.match(value):
+    if what == "alias" and VERSION_DIR_RE.fullmatch(value):
         raise RegistryError(f"invalid alias {value!r}: it looks like a version number; pick a word such as champion")
     return value
 
@@ -122,7 +122,7 @@ class Registry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def versions(self, name: str) -> list[int]:
         d = self.name_dir(name)
@@ -130,7 +130,7 @@ class Registry:
             return []
         out = []
         for p in d.iterdir():
-            m = VERSION_DIR_RE.match(p.name)
+            m = VERSION_DIR_RE.fullmatch(p.name)
             if m and p.is_dir():
                 out.append(int(m.group(1)))
         return sorted(out)

@@ -31,7 +31,7 @@ class EvalTarget(Section):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint(cls, v: str) -> str:
-        if not CHECKPOINT_RE.match(v):
+        if not CHECKPOINT_RE.fullmatch(v):
             raise ValueError("must be `best`, `last` or `step-N` (e.g. step-200)")
         return v
 

@@ -318,7 +318,7 @@ class JobBase(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 "must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
             )

@@ -48,7 +48,7 @@ class Team(Section):
 
     @model_validator(mode="after")
     def _name(self) -> Team:
-        if not NAME_RE.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise At("name", f"team name {self.name!r}: use lowercase letters, digits, '.', '_' or '-'")
         return self
 
