@@ -318,3 +318,53 @@ def test_an_unknown_image_is_an_error_at_validate_with_the_valid_names(tmp_path:
     assert msg.startswith("--set image:1:1: error: image: unknown image 'gpu'")
     stored = {**load_job(p, ["image=cpu"]).stored_data(), "image": "site-image"}
     assert job_from_stored(stored).spec.image == "site-image"  # type: ignore[attr-defined]
+
+
+# --- hostile job files and --set values ------------------------------------------------------------------
+
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+) + "kind: train\nname: bomb\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_BOMB, "once YAML aliases are expanded"),
+        ("kind: train\nname: deep\nx: " + "[" * 2000 + "]" * 2000 + "\n", "nested"),
+        ("kind: train\nname: deep\nx:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(100)) + "\n",
+         "nested more than 64 levels"),
+        ("kind: train\nname: big\n" + "".join(f"k{i}: {i}\n" for i in range(120_000)), "a job file may be at most"),
+    ],
+    ids=["alias-bomb", "deep-flow", "deep-block", "huge"],
+)
+def test_hostile_yaml_is_refused_quickly_with_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    import time
+
+    f = tmp_path / "hostile.yaml"
+    f.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as e:
+        load_job(f)
+    assert time.perf_counter() - t0 < 1.0
+    assert message in str(e.value) and str(f) in str(e.value)
+    p = run_cli("validate", str(f))
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("data.train.5.path=x", "data.train has 1 item(s) (0-0); index 5 is out of range"),
+        ("data.train.foo=1", "data.train is a list: address an item by its index"),
+        ("data.train=[{path: x}", "is not valid YAML"),
+        ("name={oops", "is not valid YAML"),
+    ],
+)
+def test_bad_set_expressions_are_input_errors(tmp_path: Path, expr: str, message: str) -> None:
+    f = tmp_path / "j.yaml"
+    f.write_text("kind: train\nname: j\nmodel: {base: tiny}\ndata: {train: [{path: 'builtin:categories'}]}\n")
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_job(f, [expr])
+    p = run_cli("plan", str(f), "--set", expr)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr and "--set" in p.stderr

@@ -119,8 +119,56 @@ def spec_hash(data: dict[str, Any]) -> str:
 # --- YAML with marks -----------------------------------------------------------------------------------
 
 
+# Bounds on a job file, so hostile input is refused in milliseconds: its size, how deep it nests, and how many
+# values it holds once YAML aliases are expanded (a few hundred bytes of nested aliases can stand for billions).
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def _flow_depth(text: str) -> tuple[int, int]:
+    """The deepest nesting of YAML flow brackets ([ and {) and the line where it occurs, skipping quoted text and
+    comments: the parser recurses per level and takes seconds on thousands, so this is checked before parsing."""
+    depth = deepest = 0
+    line = at = 1
+    quote = ""
+    prev = "\n"
+    in_comment = False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+            in_comment = False
+        elif in_comment:
+            pass
+        elif quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'" and prev in " \t[{,:\n":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            in_comment = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, line
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        prev = ch
+    return deepest, at
+
+
+def _too_big(file: str, path: Path_, marks: dict[Path_, Mark], why: str) -> SpecError:
+    mark = next((marks[path[:i]] for i in range(len(path), -1, -1) if path[:i] in marks), Mark(file, 1, 1))
+    return SpecError([Problem(mark, _dotted(path), why)])
+
+
 def _plain(node: Any, file: str, path: Path_, marks: dict[Path_, Mark]) -> Any:
     """CommentedMap/Seq -> dict/list, recording a mark for every key and item."""
+    if len(path) > MAX_DEPTH:
+        raise _too_big(file, path, marks, f"nested more than {MAX_DEPTH} levels deep; a job file is a few levels deep")
+    if len(marks) > MAX_VALUES:
+        raise _too_big(file, path, marks, f"more than {MAX_VALUES:,} values once YAML aliases are expanded; "
+                                          "a job file holds a few hundred (aliases that expand into each other?)")
     if isinstance(node, CommentedMap):
         out = {}
         for k in node:
@@ -154,9 +202,19 @@ def _read_yaml(path: Path, marks: dict[Path_, Mark]) -> dict[str, Any]:
         raise SpecError([Problem(Mark(file, 1, 1), "", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([Problem(Mark(file, 1, 1), "", f"cannot read file: {e}")]) from None
+    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"the file is {len(text.encode('utf-8')):,} bytes; a job file may "
+                                                       f"be at most {MAX_FILE_BYTES:,} (data belongs in data files)")])
+    depth, line = _flow_depth(text)
+    if depth > MAX_DEPTH:
+        raise SpecError([Problem(Mark(file, line, 1), "", f"nested more than {MAX_DEPTH} levels deep; a job file is a "
+                                                          "few levels deep")])
     yaml = YAML(typ="rt")
     try:
         doc = yaml.load(text)
+    except RecursionError:
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"nested too deeply to read; a job file is a few levels deep "
+                                                       f"(at most {MAX_DEPTH})")]) from None
     except MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
         line, col = (m.line + 1, m.column + 1) if m else (1, 1)
@@ -253,21 +311,35 @@ def _apply_set(data: dict[str, Any], expr: str, marks: dict[Path_, Mark]) -> Non
         raise SpecError([Problem(cli, key, "empty key segment; use dotted keys like train.lr=1e-4")])
     try:
         value = YAML(typ="safe").load(raw) if raw.strip() else ""
-    except YAMLError:
+    except (YAMLError, RecursionError) as e:
+        if raw.lstrip().startswith(("[", "{", '"', "'")):  # meant as YAML, not as a plain string
+            detail = " ".join(str(e).split())[:200]
+            raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key, f"the value {raw!r} is not valid YAML: {detail}")]) from None
         value = raw
     node: Any = data
-    for p in parts[:-1]:
-        if isinstance(node, list) and p.isdigit():
-            node = node[int(p)]
+    for i, p in enumerate(parts):
+        here = ".".join(parts[:i]) or "the job"
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit():
+                raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key,
+                                         f"{here} is a list: address an item by its index, e.g. {here}.0.{p}")])
+            if int(p) >= len(node):
+                raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key,
+                                         f"{here} has {len(node)} item(s) (0-{len(node) - 1}); index {p} is out of range")])
+            if last:
+                node[int(p)] = value
+            else:
+                if not isinstance(node[int(p)], (dict, list)):
+                    node[int(p)] = {}
+                node = node[int(p)]
             continue
-        if not isinstance(node.get(p), (dict, list)):
-            node[p] = {}
-        node = node[p]
-    last = parts[-1]
-    if isinstance(node, list) and last.isdigit():
-        node[int(last)] = value
-    else:
-        node[last] = value
+        if last:
+            node[p] = value
+        else:
+            if not isinstance(node.get(p), (dict, list)):
+                node[p] = {}
+            node = node[p]
     path = tuple(int(p) if p.isdigit() else p for p in parts)
     for k in [k for k in marks if k[: len(path)] == path]:
         marks.pop(k)
