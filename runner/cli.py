@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.runs import Run
     from runner.spec import Job
-from runner.run_views import first, last, plots, reconcile, served, tournament
+from runner.run_views import first, last, ls_rows, plots, reconcile, served, tournament
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ENV = 0, 1, 2, 3
 
@@ -294,22 +294,9 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
     t = Table(box=None, header_style="bold")
     for col in ("run", "job", "kind", "state", "backend", "started", "steps", "val acc"):
         t.add_column(col, no_wrap=True)
-    from runner.runs import RunError
-
-    unreadable: list[str] = []
-    for r in _store().list(job):
-        try:
-            st = r.status()
-            state = reconcile(r)
-        except RunError as e:  # one damaged run must not hide the others
-            unreadable.append(str(e))
-            continue
-        ms = r.metrics()
-        acc = last(ms, "val", "accuracy")
-        step = last(ms, "train", "step")
-        t.add_row(r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
-                  str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
-                  "" if step is None else str(step), "" if acc is None else f"{acc:.3f}")
+    rows, unreadable = ls_rows(_store().list(job))
+    for row in rows:
+        t.add_row(*row)
     # Piped output (scripts, tests) is never truncated to a terminal width.
     Console(width=None if sys.stdout.isatty() else 250).print(t)
     for problem in unreadable:

@@ -38,6 +38,29 @@ def reconcile(r: Run) -> str:
     return "failed"
 
 
+def ls_rows(runs: list[Run]) -> tuple[list[list[str]], list[str]]:
+    """`runner ls` rows (run, job, kind, state, backend, started, steps, val acc), and a line per unreadable run:
+    one damaged run must not hide the others."""
+    from runner.runs import RunError
+
+    rows: list[list[str]] = []
+    unreadable: list[str] = []
+    for r in runs:
+        try:
+            st = r.status()
+            state = reconcile(r)
+        except RunError as e:
+            unreadable.append(str(e))
+            continue
+        ms = r.metrics()
+        acc = last(ms, "val", "accuracy")
+        step = last(ms, "train", "step")
+        rows.append([r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
+                     str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
+                     "" if step is None else str(step), "" if acc is None else f"{acc:.3f}"])
+    return rows, unreadable
+
+
 def last(metrics: list[dict[str, Any]], split: str, key: str) -> Any:
     for m in reversed(metrics):
         if m.get("split") == split and key in m:

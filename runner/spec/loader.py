@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
@@ -23,36 +23,10 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from runner.spec import models
 from runner.spec.kinds import JOB_MODELS
+from runner.spec.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES, flow_depth
+from runner.spec.problems import Mark, Path_, Problem, SpecError
 
 ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-Path_ = tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class Mark:
-    file: str
-    line: int  # 1-based
-    col: int  # 1-based
-
-
-@dataclass(frozen=True)
-class Problem:
-    mark: Mark
-    path: str
-    message: str
-    level: Literal["error", "warning"] = "error"
-
-    def __str__(self) -> str:
-        where = f"{self.mark.file}:{self.mark.line}:{self.mark.col}: {self.level}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class SpecError(Exception):
-    """One or more problems with a job file; str() is one line per problem."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
 
 
 @dataclass
@@ -119,44 +93,6 @@ def spec_hash(data: dict[str, Any]) -> str:
 # --- YAML with marks -----------------------------------------------------------------------------------
 
 
-# Bounds on a job file, so hostile input is refused in milliseconds: its size, how deep it nests, and how many
-# values it holds once YAML aliases are expanded (a few hundred bytes of nested aliases can stand for billions).
-MAX_FILE_BYTES = 1 << 20
-MAX_DEPTH = 64
-MAX_VALUES = 100_000
-
-
-def _flow_depth(text: str) -> tuple[int, int]:
-    """The deepest nesting of YAML flow brackets ([ and {) and the line where it occurs, skipping quoted text and
-    comments: the parser recurses per level and takes seconds on thousands, so this is checked before parsing."""
-    depth = deepest = 0
-    line = at = 1
-    quote = ""
-    prev = "\n"
-    in_comment = False
-    for ch in text:
-        if ch == "\n":
-            line += 1
-            in_comment = False
-        elif in_comment:
-            pass
-        elif quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'" and prev in " \t[{,:\n":
-            quote = ch
-        elif ch == "#" and prev in " \t\n":
-            in_comment = True
-        elif ch in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest, at = depth, line
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-        prev = ch
-    return deepest, at
-
-
 def _too_big(file: str, path: Path_, marks: dict[Path_, Mark], why: str) -> SpecError:
     mark = next((marks[path[:i]] for i in range(len(path), -1, -1) if path[:i] in marks), Mark(file, 1, 1))
     return SpecError([Problem(mark, _dotted(path), why)])
@@ -205,7 +141,7 @@ def _read_yaml(path: Path, marks: dict[Path_, Mark]) -> dict[str, Any]:
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise SpecError([Problem(Mark(file, 1, 1), "", f"the file is {len(text.encode('utf-8')):,} bytes; a job file may "
                                                        f"be at most {MAX_FILE_BYTES:,} (data belongs in data files)")])
-    depth, line = _flow_depth(text)
+    depth, line = flow_depth(text)
     if depth > MAX_DEPTH:
         raise SpecError([Problem(Mark(file, line, 1), "", f"nested more than {MAX_DEPTH} levels deep; a job file is a "
                                                           "few levels deep")])
