@@ -103,8 +103,11 @@ class AnswerAgent:
             probs = score_mcq(model, tok, shifted, batch_size=self.batch_size)
             dt = time.monotonic() - t0
             self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
-            for r, it in enumerate(items):
-                total[r, : len(it.choices)] += unrotated(probs[r].float(), len(it.choices), shift)
+            if shift == 0:  # the unrotated pass: letters already in the original order
+                total += probs.float()
+            else:
+                for r, it in enumerate(items):
+                    total[r, : len(it.choices)] += unrotated(probs[r].float(), len(it.choices), shift)
             passes += 1
         if passes:
             total /= passes

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from runner.files import fsync_dir
+from runner.files import fsync_dir, fsync_tree
 from runner.paths import runner_cache
 from runner.spec.models import ModelSpec, TinyModel
 from runner.workloads.model.tiny import (
@@ -168,10 +168,7 @@ def ensure_tiny_base(tiny: TinyModel, cache_dir: Path | None = None, log: Any = 
         tok.save_pretrained(tmp)
         facts["settings"] = tiny.model_dump()
         (tmp / "pretrain.json").write_text(json.dumps(facts, indent=2) + "\n")
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a directory without pretrain.json: left by an older, interrupted layout
             shutil.rmtree(final)
         os.rename(tmp, final)
