@@ -3,6 +3,8 @@ deduplication, the stratified train/validation split, and the `prepare` job kind
 
 Bad rows are never dropped silently: each is reported as `FILE:LINE: reason`. A source with more bad rows than
 `data.max_bad_rows` (default 0) fails the job with the whole list; at or under it they are skipped and listed.
+Every text field of a record is a string of at most MAX_TEXT_CHARS characters with no C0 control character
+other than tab and newline (CR LF and lone CR become newlines), no DEL and no unpaired surrogate.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ from runner.files import atomic_write
 from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
 
 DIFFICULTIES = ("easy", "medium", "hard")
+MAX_TEXT_CHARS = 100_000
+# C0 controls but tab and newline, DEL, and lone surrogates (a broken `\ud83d` escape; they cannot be written
+# back as UTF-8). C1 controls pass: public sets such as MMLU hold them as mojibake of typographic quotes.
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 
 @dataclass
@@ -34,6 +40,7 @@ class MCQ:
     source: str = ""
     difficulty: str = "medium"
     explanation: str | None = None
+    origin: str = field(default="", compare=False, repr=False)  # "FILE:LINE" it was read from; not written out
 
     @property
     def answer_index(self) -> int:
@@ -41,15 +48,23 @@ class MCQ:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["origin"]
         if d["explanation"] is None:
             del d["explanation"]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, default_id: str, topic: str | None = None, source: str = "") -> MCQ:
+    def from_dict(
+        cls, d: dict[str, Any], *, default_id: str, topic: str | None = None, source: str = "", origin: str = ""
+    ) -> MCQ:
         """Validate a canonical record dict; raise ValueError with a short reason."""
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
+        for key in ("topic", "source", "difficulty"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise ValueError(f"'{key}' must be a string")
+        if d.get("id") is not None and (isinstance(d["id"], bool) or not isinstance(d["id"], (str, int, float))):
+            raise ValueError("'id' must be a string or a number")
         question = d.get("question")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("missing or empty 'question'")
@@ -68,6 +83,7 @@ class MCQ:
             source=d.get("source") or source,
             difficulty=d.get("difficulty") or "medium",
             explanation=d.get("explanation"),
+            origin=origin,
         )
 
 
@@ -81,11 +97,19 @@ def make_mcq(
     source: str,
     difficulty: str = "medium",
     explanation: Any = None,
+    origin: str = "",
 ) -> MCQ:
-    """Build a checked MCQ: 2-10 non-empty choices, answer a valid letter (or index), known difficulty."""
-    choices = [c.strip() for c in choices]
+    """A checked MCQ: 2-10 non-empty choices, answer a valid letter (or index), known difficulty, clean text."""
     if not 2 <= len(choices) <= len(LETTERS):
         raise ValueError(f"needs 2-{len(LETTERS)} choices, got {len(choices)}")
+    if explanation is not None and not isinstance(explanation, str):
+        raise ValueError("'explanation' must be a string")
+    question = _clean_text("question", question)
+    choices = [_clean_text(f"choice {i + 1}", c).strip() for i, c in enumerate(choices)]
+    explanation = None if explanation is None else _clean_text("explanation", explanation)
+    topic, source, id = (_clean_text(n, str(v)) for n, v in (("topic", topic), ("source", source), ("id", id)))
+    if not question.strip():
+        raise ValueError("empty question")
     if any(not c for c in choices):
         raise ValueError("empty choice")
     if isinstance(answer, int) and not isinstance(answer, bool):
@@ -95,17 +119,18 @@ def make_mcq(
     elif isinstance(answer, str):
         m = re.match(r"^\s*\(?([A-Ja-j])\)?(?:[\).:]|\s|$)", answer)
         if not m:
-            raise ValueError(f"answer {answer!r} is not a letter A-{LETTERS[len(choices) - 1]}")
+            raise ValueError(f"answer {brief(answer)} is not a letter A-{LETTERS[len(choices) - 1]}")
         letter = m.group(1).upper()
-    else:
+    elif answer is None:
         raise ValueError("missing 'answer'")
+    else:
+        last = LETTERS[len(choices) - 1]
+        raise ValueError(f"'answer' must be a letter A-{last} or a 0-based index, got {brief(answer)}")
     if LETTERS.index(letter) >= len(choices):
         raise ValueError(f"answer {letter} but only {len(choices)} choices")
     difficulty = str(difficulty).lower()
     if difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
-    if explanation is not None and not isinstance(explanation, str):
-        raise ValueError("'explanation' must be a string")
+        raise ValueError(f"difficulty {brief(difficulty)} is not one of {', '.join(DIFFICULTIES)}")
     return MCQ(
         id=id,
         question=question.strip(),
@@ -115,7 +140,33 @@ def make_mcq(
         source=str(source),
         difficulty=difficulty,
         explanation=explanation or None,
+        origin=origin,
     )
+
+
+def brief(value: Any) -> str:
+    """repr() cut to a length that fits an error line."""
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _clean_text(name: str, text: str) -> str:
+    """`text` with CR LF and CR as newlines; ValueError if it is too long or holds a control character."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters long; at most {MAX_TEXT_CHARS}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    m = _BAD_CHAR.search(text)
+    if m and "\ud800" <= m.group() <= "\udfff":
+        raise ValueError(
+            f"{name} has an unpaired surrogate U+{ord(m.group()):04X} at character {m.start() + 1} (a broken \\u "
+            "escape?); remove it"
+        )
+    if m:
+        raise ValueError(
+            f"{name} has control character U+{ord(m.group()):04X} at character {m.start() + 1}; remove it "
+            "(only tab and newline are allowed)"
+        )
+    return text
 
 
 class DataError(Exception):

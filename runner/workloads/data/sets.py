@@ -83,18 +83,29 @@ def dedupe_key(r: MCQ) -> str:
     return "\x1f".join([_norm(r.question), *(_norm(c) for c in r.choices)])
 
 
-def dedupe(records: Iterable[MCQ], exclude: Iterable[MCQ] = ()) -> tuple[list[MCQ], int]:
-    """Keep the first of each normalised question; also drop any that appear in `exclude` (e.g. validation)."""
-    records = list(records)
-    seen = {dedupe_key(r) for r in exclude}
+def dedupe_report(records: Iterable[MCQ], exclude: Iterable[MCQ] = ()) -> tuple[list[MCQ], list[str]]:
+    """Keep the first of each normalised question, also dropping any that appear in `exclude` (e.g. validation);
+    each dropped record is listed as "FILE:LINE duplicate of FILE:LINE" (the record kept, or the excluded one)."""
+    firsts: dict[str, MCQ] = {}
+    for r in exclude:
+        firsts.setdefault(dedupe_key(r), r)
     out: list[MCQ] = []
+    dropped: list[str] = []
     for r in records:
         k = dedupe_key(r)
-        if k in seen:
+        first = firsts.get(k)
+        if first is not None:
+            dropped.append(f"{r.origin or r.id} duplicate of {first.origin or first.id}")
             continue
-        seen.add(k)
+        firsts[k] = r
         out.append(r)
-    return out, len(records) - len(out)
+    return out, dropped
+
+
+def dedupe(records: Iterable[MCQ], exclude: Iterable[MCQ] = ()) -> tuple[list[MCQ], int]:
+    """dedupe_report with only the number of records dropped."""
+    out, dropped = dedupe_report(records, exclude)
+    return out, len(dropped)
 
 
 def split_records(records: Sequence[MCQ], val_fraction: float, seed: int) -> tuple[list[MCQ], list[MCQ]]:
@@ -132,20 +143,21 @@ def train_val_records(data: DataSpec, base_dir: Path | None = None) -> tuple[lis
     train_all, train_report = load_sources_with_report(data.train, seed=data.seed, max_bad_rows=max_bad, base_dir=base_dir)
     if not train_all:
         raise DataError("data.train: the sources hold no records")
-    train_all, dupes = dedupe(train_all)
+    train_all, dupes = dedupe_report(train_all)
     val_report: list[dict[str, Any]] = []
     if data.val:
         val, val_report = load_sources_with_report(data.val, seed=data.seed, max_bad_rows=max_bad, base_dir=base_dir)
-        val, val_dupes = dedupe(val)
-        train, leaked = dedupe(train_all, exclude=val)
+        val, val_dupes = dedupe_report(val)
+        train, leaked = dedupe_report(train_all, exclude=val)
     else:
         train, val = split_records(train_all, data.val_fraction, data.seed)
-        val_dupes = leaked = 0
+        val_dupes = leaked = []
     val = subsample(val, data.val_limit, data.seed)
     info = {
         "train_sources": train_report,
         "val_sources": val_report,
-        "duplicates_removed": dupes + val_dupes,
-        "train_removed_as_in_val": leaked,
+        "duplicates_removed": len(dupes) + len(val_dupes),
+        "train_removed_as_in_val": len(leaked),
+        "duplicates": dupes + val_dupes + leaked,  # "FILE:LINE duplicate of FILE:LINE", one per record dropped
     }
     return train, val, info

@@ -27,6 +27,7 @@ def run(job: Any, run_dir: Path) -> int:
         "inputs": info["train_sources"] + info["val_sources"],
         "duplicates_removed": info["duplicates_removed"],
         "train_removed_as_in_val": info["train_removed_as_in_val"],
+        "duplicates": info["duplicates"],
         "seed": spec.data.seed,
         "val_fraction": spec.data.val_fraction if not spec.data.val else None,
         "train": counts(train),
@@ -37,6 +38,9 @@ def run(job: Any, run_dir: Path) -> int:
     }
     atomic_write(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     bad = sum(len(s["bad_rows"]) for s in manifest["inputs"])
+    if info["duplicates"]:
+        n = len(info["duplicates"])
+        print(f"dropped {n} duplicate record{'s' if n != 1 else ''} (see manifest.json)")
     print(
         f"prepared {len(train)} train / {len(val)} val records "
         f"({info['duplicates_removed']} duplicates removed, {bad} bad rows skipped) -> {run_dir}"
