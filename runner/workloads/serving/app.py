@@ -1,23 +1,26 @@
-"""The HTTP app (FastAPI): endpoints, request validation, body and prompt size limits, binding."""
+"""The HTTP app (FastAPI): endpoints, bearer token, body and prompt size limits, binding. What a request body
+must be, and the 4xx replies when it is not, live in bodies.py."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import socket
 import threading
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from runner.workloads.agents.answer import MAX_DEADLINE_S, AnswerAgent, AnswerItem
+from runner.workloads.agents.answer import AnswerAgent, AnswerItem
 from runner.workloads.agents.question import QuestionAgent
-from runner.workloads.scoring.prompts import LETTERS, format_prompt, strip_choice_prefix
+from runner.workloads.scoring.prompts import format_prompt, strip_choice_prefix
 from runner.workloads.serving.batcher import DEADLINE_GRACE_S, MicroBatcher, QueueFull
+from runner.workloads.serving.bodies import AnswerBody, JSONBodyRoute, QuestionRequest, install_error_replies
 from runner.workloads.serving.metrics import Metrics, RequestMetrics
 
 # Prompt length is checked without the tokenizer where bytes decide it: every token of a byte-level (or
@@ -79,6 +82,27 @@ class BodyLimit:
             await self._reject(send)
 
 
+class BearerAuth:
+    """ASGI middleware: a request under `prefix` without the bearer token gets 401 before its body is read."""
+
+    def __init__(self, app: Any, token: str, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.prefix = prefix
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith(self.prefix):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = json.dumps({"detail": "missing or wrong bearer token"}).encode()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def _prompt_bytes(item: AnswerItem) -> int:
     return len(format_prompt(item.question, item.choices).encode())
 
@@ -103,38 +127,10 @@ def prompt_length_problem(tokenizer: Any, item: AnswerItem, limit: int) -> str |
     return None
 
 
-class AnswerRequest(BaseModel):
-    question: str = Field(min_length=1, description="The question text.")
-    choices: list[str] = Field(
-        min_length=2, max_length=len(LETTERS), description="2-10 choices, with or without 'A) ' prefixes."
-    )
-    deadline_s: float | None = Field(None, gt=0, le=MAX_DEADLINE_S, description="Answer within this many seconds.")
-
-    @field_validator("question")
-    @classmethod
-    def _q(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v
-
-    @field_validator("choices")
-    @classmethod
-    def _c(cls, v: list[str]) -> list[str]:
-        for i, c in enumerate(v):
-            if not strip_choice_prefix(c):
-                raise ValueError(f"choice {i + 1} has no text")
-        return v
-
-
 class AnswerResponse(BaseModel):
     answer: str = Field(description="One letter, always one of the question's choices.")
     reasoning: str = Field(description="At most 100 words.")
     confidence: float = Field(description="Probability of the chosen letter.")
-
-
-class QuestionRequest(BaseModel):
-    topic: str | None = Field(None, description="Topic; omitted: the agent's topics in turn.")
-    n: int = Field(1, ge=1, le=100, description="How many questions.")
 
 
 class Question(BaseModel):
@@ -166,17 +162,15 @@ def create_app(
     )
     metrics = Metrics()
     batcher.on_batch = metrics.batch_size.observe
+    install_error_replies(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    # Added last, so outermost: it also counts what BodyLimit refuses.
+    if token is not None:
+        app.add_middleware(BearerAuth, token=token)
+    # Added last, so outermost: it also counts what BearerAuth and BodyLimit refuse.
     app.add_middleware(RequestMetrics, metrics=metrics,
                        paths=frozenset({"/v1/answer", "/v1/question", "/healthz", "/metrics"}))
     q_lock = threading.Lock()
-
-    async def auth(request: Request) -> None:
-        if token is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {token}":
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    api = APIRouter(route_class=JSONBodyRoute)  # the POST endpoints: JSON bodies only
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -193,10 +187,8 @@ def create_app(
     async def prometheus() -> str:
         return metrics.render(batcher, model_name)
 
-    @app.post("/v1/answer", dependencies=[Depends(auth)])
-    async def answer(
-        body: AnswerRequest | Annotated[list[AnswerRequest], Field(min_length=1, max_length=256)],
-    ) -> AnswerResponse | list[AnswerResponse]:
+    @api.post("/v1/answer")
+    async def answer(body: Annotated[AnswerBody, Body()]) -> AnswerResponse | list[AnswerResponse]:
         reqs = body if isinstance(body, list) else [body]
         items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
         # A prompt far past what the model was served for would hold the worker (and everyone queued behind it)
@@ -223,7 +215,7 @@ def create_app(
         out = [AnswerResponse(**r) for r in results]
         return out if isinstance(body, list) else out[0]
 
-    @app.post("/v1/question", dependencies=[Depends(auth)])
+    @api.post("/v1/question")
     async def question(body: QuestionRequest) -> QuestionResponse:
         if question_agent is None:
             raise HTTPException(404, "this service has no question agent")
@@ -240,6 +232,7 @@ def create_app(
             raise HTTPException(500, str(e)) from None
         return QuestionResponse(questions=[Question(**q) for q in qs])
 
+    app.include_router(api)
     return app
 
 
