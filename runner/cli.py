@@ -478,11 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors and user-facing errors from the modules below
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+        # Typer may bring its own copy of click: match its exceptions by shape, not by one module's classes.
+        if type(e).__name__ == "Abort":
             sys.exit(130)
-        if isinstance(e, click.ClickException):
+        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
             e.show()
             sys.exit(EXIT_INVALID)
         from runner.runs import RunError

@@ -7,6 +7,7 @@ runner process follows it; `runner cancel` signals the script, which asks the wo
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -275,14 +276,17 @@ class SlurmBackend:
         srun_extra, task_prefix = "", ""
         image = plan.image.tag if plan.image is not None else None
         if runtime == "pyxis" and image:
+            if res.container.registry:  # the nodes pull it from there
+                image = f"{res.container.registry.rstrip('/')}/{image}"
+            workdir = shlex.quote(str(plan.workdir))
             srun_extra = (
-                f"--container-image={image} --container-workdir={plan.workdir} "
-                f'--container-mounts="{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
+                f"--container-image={shlex.quote(image)} --container-workdir={workdir} "
+                f'--container-mounts={workdir},"${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
             )
         elif runtime == "apptainer" and image:
             gpu = "--nv" if plan.image and plan.image.flavour == "cuda" else "--rocm"
             task_prefix = (
-                f'apptainer exec {gpu} --bind "{plan.workdir},${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
+                f'apptainer exec {gpu} --bind {shlex.quote(str(plan.workdir))},"${{RUNNER_RUN_DIR}},${{RUNNER_CACHE}}" '
                 f'"${{RUNNER_SIF:-${{RUNNER_HOME}}/images/{image.replace(":", "_")}.sif}}" '
             )
         files = {

@@ -367,6 +367,23 @@ def _image_problem(data: dict[str, Any], marks: dict[Path_, Mark]) -> Problem | 
                    f"unknown image {image!r} (valid: {', '.join(names)}; images/<name>.yaml defines each){hint}")
 
 
+def _type_hint(typ: str, value: Any) -> str:
+    """How to write a value the strict schema refused: the common YAML slips."""
+    if typ in ("int_type", "float_type") and isinstance(value, str):
+        return "; write the number without quotes"
+    if typ == "bool_type" and isinstance(value, str):
+        return "; write true or false without quotes"
+    if typ == "int_type" and isinstance(value, bool):
+        return "; true/false is not a number"
+    if typ == "int_type" and isinstance(value, float):
+        return "; write a whole number (no decimal point)"
+    if typ == "string_type" and isinstance(value, (int, float, bool)):
+        return "; quote it to make it text"
+    if typ == "finite_number":
+        return "; numbers in a job must be finite (no .inf or .nan)"
+    return ""
+
+
 def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Path_, Mark]) -> list[Problem]:
     out = []
     for e in err.errors(include_url=False):
@@ -388,7 +405,7 @@ def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Pat
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             if "input" in e and typ not in ("model_type", "dict_type") and not isinstance(e["input"], (dict, list)):
-                msg += f" (got {e['input']!r})"
+                msg += f" (got {e['input']!r}){_type_hint(typ, e['input'])}"
             out.append(Problem(_mark_for(loc, marks), _dotted(loc), msg))
     return out
 

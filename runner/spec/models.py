@@ -12,6 +12,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
+# Values that reach a script, a command line or a manifest must match these in full (quoting is a second line
+# of defence, not the only one). Each pattern is what its consumer accepts, not more.
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # POSIX shell variable names
+SLURM_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64}){0,15}")  # partition(s), account
+SLURM_TIME_RE = re.compile(r"\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite)")
+K8S_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # DNS-1123 label: namespaces
+K8S_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")  # DNS-1123 subdomain: claims, classes
+REGISTRY_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:\d{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*/?")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # control characters but tab and newline
+MOUNT_PATH_RE = re.compile(r"[^\x00-\x1f\x7f:,]{1,4096}")  # `docker -v SRC:DST:MODE` splits on ':'
+
+
+def must_match(pattern: re.Pattern[str], v: str | None, what: str) -> str | None:
+    if v is not None and not pattern.fullmatch(v):
+        raise ValueError(f"{v!r} is not {what}")
+    return v
+
 
 class At(ValueError):
     """A validator's error about one field below the model it checks: the loader reports that field's line.
@@ -19,16 +36,18 @@ class At(ValueError):
     `raise At("resources.nodes", "...")` in a job's model validator points at `resources: nodes:` in the file,
     not at the job's first line."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str | tuple[str | int, ...], message: str):
         super().__init__(message)
-        self.path = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+        self.path = path if isinstance(path, tuple) else tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # Strict: `lr: "3e-3"`, `steps: true` and `batch_size: 2.0` are mistakes to report, not values to coerce;
+    # and no number in a job is infinite or NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, strict=True, allow_inf_nan=False)
 
 
 # --- where and how it runs -------------------------------------------------------------------------
@@ -44,6 +63,16 @@ class SlurmResources(Section):
         "(a .sif of the image) or `pyxis` (`srun --container-image`).",
     )
 
+    @field_validator("partition", "account")
+    @classmethod
+    def _slurm_name(cls, v: str | None) -> str | None:
+        return must_match(SLURM_NAME_RE, v, "a Slurm name (letters, digits, '.', '_', '-'; partitions comma-separated)")
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v: str | None) -> str | None:
+        return must_match(SLURM_TIME_RE, v, "a Slurm time limit (MINUTES, HH:MM:SS, D-HH:MM or UNLIMITED)")
+
 
 class KubernetesResources(Section):
     namespace: str = Field("default", description="Kubernetes namespace.")
@@ -57,6 +86,16 @@ class KubernetesResources(Section):
         "`qa-runner-runs`, created on first use and shared by the jobs of the namespace.",
     )
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return must_match(K8S_LABEL_RE, v, "a Kubernetes namespace (1-63 lowercase letters, digits and '-')") or v
+
+    @field_validator("storage_class", "volume_claim")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        return must_match(K8S_SUBDOMAIN_RE, v, "a Kubernetes object name (lowercase letters, digits, '-' and '.')")
+
 
 class ContainerResources(Section):
     shm_gb: int = Field(16, ge=1, description="Size of /dev/shm inside the container (Docker, Kubernetes), in GB.")
@@ -65,6 +104,11 @@ class ContainerResources(Section):
         description="Registry prefix the cluster pulls the job's image from (e.g. `registry.example.com/team`); "
         "Kubernetes and Slurm/pyxis need the image pushed there.",
     )
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str | None) -> str | None:
+        return must_match(REGISTRY_RE, v, "a registry prefix like registry.example.com:5000/team")
 
 
 # The flat keys `resources` had before its backend sections, and the section and key each moved to. Job files
@@ -155,6 +199,18 @@ class Mount(Section):
     source: str = Field(description="Host path (or named volume) to mount.")
     target: str = Field(description="Path inside the container.")
     read_only: bool = Field(True, description="Mount read-only.")
+
+    @field_validator("source", "target")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return must_match(MOUNT_PATH_RE, v, "a mount path (no ':', ',' or control characters)") or v
+
+    @field_validator("target")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path inside the container")
+        return v
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -322,6 +378,25 @@ class JobBase(Section):
             raise ValueError(
                 "must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not ENV_KEY_RE.fullmatch(key):
+                raise At((key,), f"{key!r} is not an environment variable name (letters, digits and '_', "
+                                       "not starting with a digit)")
+            if "\x00" in value:
+                raise At((key,), "holds a NUL character, which no environment variable can")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if CONTROL_RE.search(key) or "\n" in key or CONTROL_RE.search(value):
+                raise At((key,), "holds control characters; tags are plain text")
         return v
 
     @model_validator(mode="after")
