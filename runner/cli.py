@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -187,12 +186,16 @@ def run(
     store = RunStore()
     r = None
     if job.kind == "train" and not fresh:
-        r = store.find_resumable(job)
+        r = store.find_resumable(job)  # RunError when a run of this spec is being driven right now
         if r is not None:
             print(f"runner: resuming {r.ref} (state {r.state}, {len(r.checkpoints())} checkpoint(s)); --fresh starts anew",
                   flush=True)
-            store.refresh_plan(r, p)
-            r.note("resume", checkpoints=[c.name for c in r.checkpoints()])
+            with r.lock():  # one writer: a second `runner run` racing for this run stops here
+                _take_over(r)
+                store.refresh_plan(r, p)
+                r.note("resume", checkpoints=[c.name for c in r.checkpoints()])
+                if not detach:
+                    raise Exit(drive_run(r, p, attach=True, locked=True))
     if r is None:
         r = store.create(job, p)
         print(f"runner: run {r.ref} ({p.backend}) -> {r.dir}", flush=True)
@@ -207,48 +210,29 @@ def run(
     raise Exit(drive_run(r, p, attach=True))
 
 
-def drive_run(r: Run, p: Plan, attach: bool) -> int:
-    """Start the plan on its backend for run `r`, wait, and record how it ended."""
-    from runner.backends import EXIT_CANCELLED, EnvironmentProblem, get_backend
+def drive_run(r: Run, p: Plan, attach: bool, locked: bool = False) -> int:
+    """Start the plan on its backend for run `r`, wait, and record how it ended (taking the run's lock unless
+    the caller holds it)."""
+    import contextlib
 
-    backend = get_backend(p.backend)
-    with r.lock():
-        r.set_state("running", runner_pid=os.getpid(), backend=p.backend, cancel_requested=False, exit_code=None)
+    from runner.backends import EnvironmentProblem
+    from runner.driving import drive_locked
+
+    with contextlib.nullcontext() if locked else r.lock():
         try:
-            handle = backend.start(p, r, attach)
+            return drive_locked(r, p, attach)
         except EnvironmentProblem as e:
-            r.set_state("failed", error=str(e))
             raise Exit(EXIT_ENV, f"error: {e}") from None
-        signals = {"n": 0}
 
-        def on_signal(signum: int, frame: Any) -> None:
-            signals["n"] += 1
-            r.update(cancel_requested=True)
-            if signals["n"] == 1:
-                err(f"\nrunner: {signal.Signals(signum).name}: stopping {r.ref} (checkpoint first; again to force)")
-                r.note("cancel-requested", signal=signal.Signals(signum).name)
-                handle.cancel()
-            else:
-                err("runner: forcing stop")
-                backend.cancel(r, grace_s=0)
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code = handle.wait()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-        st = r.status()
-        if code == 0:
-            state = "succeeded"
-        elif st.get("cancel_requested") or code == EXIT_CANCELLED:
-            state = "cancelled"
-        else:
-            state = "failed"
-        r.set_state(state, exit_code=code)
-        if attach:
-            err(f"runner: {r.ref} {state} (exit {code})")
-        return code
+def _take_over(r: Run) -> None:
+    from runner.backends import EnvironmentProblem
+    from runner.driving import stop_orphan
+
+    try:
+        stop_orphan(r)
+    except EnvironmentProblem as e:
+        raise Exit(EXIT_ENV, f"error: {e}") from None
 
 
 @app.command(hidden=True)
@@ -300,7 +284,7 @@ def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -
     # Piped output (scripts, tests) is never truncated to a terminal width.
     Console(width=None if sys.stdout.isatty() else 250).print(t)
     for problem in unreadable:
-        err(f"warning: skipped a run: {problem}")
+        err(f"warning: {problem}")
 
 
 @app.command()

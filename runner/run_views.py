@@ -48,10 +48,12 @@ def ls_rows(runs: list[Run]) -> tuple[list[list[str]], list[str]]:
     for r in runs:
         try:
             st = r.status()
-            state = reconcile(r)
+            state = reconcile(r) if "rebuilt_from" not in st else str(st.get("state"))  # read-only: no repair
         except RunError as e:
-            unreadable.append(str(e))
+            unreadable.append(f"skipped a run: {e}")
             continue
+        if "rebuilt_from" in st:
+            unreadable.append(f"{r.ref}: state rebuilt from {st['rebuilt_from']}")
         ms = r.metrics()
         acc = last(ms, "val", "accuracy")
         step = last(ms, "train", "step")

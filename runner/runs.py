@@ -56,6 +56,33 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)  # noqa: UP017
 
 
+# Held by a run's workload (its rank-0 process) for as long as it lives, beside `.lock`, which the runner driving
+# the run holds: a runner killed with -9 leaves the workload running, and the next runner must see that.
+WORKLOAD_LOCK = ".workload.lock"
+_held: list[int] = []  # the workload's lock stays open until the process exits
+
+
+def hold_workload_lock(run_dir: Path) -> None:
+    """Take the run's workload lock for the rest of this process's life; RunError if another workload has it."""
+    fd = os.open(run_dir / WORKLOAD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    end = time.monotonic() + 2  # a reader's probe holds it for microseconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < end:
+                time.sleep(0.05)
+                continue
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunError(f"another workload of this run is still running ({holder}); two would write the same "
+                       "checkpoints. Stop it (`runner cancel RUN`) or wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+    _held.append(fd)
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -102,17 +129,57 @@ class Run:
         return self.dir / "events.jsonl"
 
     def status(self) -> dict[str, Any]:
+        """status.json; when it is damaged, the state as events.jsonl tells it (marked `rebuilt_from`; the next
+        write of the run's state replaces the damaged file)."""
         path = self.dir / "status.json"
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return {"state": "pending"}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunError(f"{path} is unreadable ({e}); remove the run with `rm -r {self.dir}`") from e
-        if not isinstance(data, dict):
-            raise RunError(f"{path} holds a JSON {type(data).__name__}, not an object; remove the run with "
+            why = f"is unreadable ({e})"
+        else:
+            if isinstance(data, dict) and isinstance(data.get("state", "pending"), str):
+                return data
+            why = f"holds a JSON {type(data).__name__}, not an object" if not isinstance(data, dict) else \
+                "has a state that is not a string"
+        rebuilt = self.rebuilt_status()
+        if rebuilt is None:
+            raise RunError(f"{path} {why}, and {self.events_path.name} cannot rebuild it; remove the run with "
                            f"`rm -r {self.dir}`")
-        return data
+        rebuilt["rebuilt_from"] = f"{self.events_path.name} ({path.name} {why})"
+        return rebuilt
+
+    def rebuilt_status(self) -> dict[str, Any] | None:
+        """The run's status replayed from events.jsonl (creation, then each state change with its fields), or
+        None when there is no readable event. A torn last line is skipped."""
+        try:
+            lines = self.events_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None
+        st: dict[str, Any] = {}
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(e, dict):
+                continue
+            if e.get("event") == "created":
+                st.setdefault("state", "pending")
+                st.update(created_at=e.get("time"), spec_hash=e.get("spec_hash"))
+            elif e.get("event") == "state" and e.get("to") in STATES:
+                st.update({k: v for k, v in e.items() if k not in ("event", "from", "to", "time")})
+                st.update(state=e["to"], updated_at=e.get("time"))
+        if not st:
+            return None
+        try:
+            from ruamel.yaml import YAML
+
+            st.setdefault("kind", YAML(typ="safe").load((self.dir / "job.yaml").read_text()).get("kind"))
+        except Exception:  # noqa: BLE001 - the kind is a nicety; the state is what matters
+            pass
+        return st
 
     @property
     def state(self) -> str:
@@ -133,6 +200,7 @@ class Run:
 
     def update(self, **fields: Any) -> dict[str, Any]:
         st = self.status()
+        st.pop("rebuilt_from", None)
         st.update(fields)
         atomic_write(self.dir / "status.json", json.dumps(st, indent=2, sort_keys=True) + "\n")
         return st
@@ -189,6 +257,20 @@ class Run:
         finally:
             os.close(fd)
         return False
+
+    def workload_holder(self) -> str | None:
+        """`pid N on HOST` of the workload that holds this run's workload lock, or None. Read-only."""
+        try:
+            fd = os.open(self.dir / WORKLOAD_LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "a process"
+        finally:
+            os.close(fd)
+        return None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a step-* directory that exists is complete)."""
@@ -309,7 +391,11 @@ class RunStore:
                 return None
             if state in ("failed", "cancelled"):
                 return run
-            if state in ("running", "pending") and not run.is_locked():
+            if state in ("running", "pending") and run.is_locked():
+                raise RunError(f"{run.ref} of this job is running now (runner pid {st.get('runner_pid')}); "
+                               f"follow it with `runner logs -f {run.id}`, stop it with `runner cancel {run.id}`, "
+                               "or pass --fresh to start a second run beside it")
+            if state in ("running", "pending"):
                 return run  # orphaned: its runner died without recording an end
         return None
 

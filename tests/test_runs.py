@@ -98,10 +98,26 @@ def test_get_by_id_prefix_job_name_and_errors(job) -> None:  # type: ignore[no-u
         store.get("nope")
 
 
-def test_torn_status_is_reported_not_crashed(job) -> None:  # type: ignore[no-untyped-def]
+def test_torn_status_is_rebuilt_from_the_events(job) -> None:  # type: ignore[no-untyped-def]
+    r = RunStore().create(job)
+    r.set_state("running", runner_pid=123)
+    r.set_state("failed", exit_code=1)
+    want = r.status()
+    (r.dir / "status.json").write_text("{not json")
+    got = r.status()
+    assert "status.json is unreadable" in got["rebuilt_from"]
+    assert got["state"] == "failed" and got["exit_code"] == 1 and got["spec_hash"] == want["spec_hash"]
+    assert (r.dir / "status.json").read_text() == "{not json"  # reading never writes
+    r.set_state("running")  # the next write replaces the damaged file
+    assert json.loads((r.dir / "status.json").read_text())["state"] == "running"
+    assert "rebuilt_from" not in r.status()
+
+
+def test_status_and_events_both_damaged_is_reported_not_crashed(job) -> None:  # type: ignore[no-untyped-def]
     r = RunStore().create(job)
     (r.dir / "status.json").write_text("{not json")
-    with pytest.raises(RunError, match="unreadable"):
+    (r.dir / "events.jsonl").write_text("garbage\n")
+    with pytest.raises(RunError, match="unreadable.*cannot rebuild it"):
         r.status()
 
 
@@ -153,15 +169,19 @@ def test_damaged_status_files_are_named_and_listing_goes_on(job) -> None:  # typ
     (torn.dir / "status.json").write_text('{"state": "runn')
     stringy = RunStore().create(job)
     (stringy.dir / "status.json").write_text('"running"')
+    lost = RunStore().create(job)
+    (lost.dir / "status.json").write_text('"running"')
+    (lost.dir / "events.jsonl").unlink()
+    assert "holds a JSON str, not an object" in stringy.status()["rebuilt_from"]
     with pytest.raises(RunError, match="holds a JSON str, not an object"):
-        stringy.status()
-    with pytest.raises(RunError, match="is unreadable"):
-        torn.status()
+        lost.status()
     p = run_cli("ls")
     assert p.returncode == 0, p.stderr
-    assert good.id in p.stdout and torn.id not in p.stdout and stringy.id not in p.stdout
-    assert str(torn.dir / "status.json") in p.stderr and str(stringy.dir / "status.json") in p.stderr
+    assert good.id in p.stdout and torn.id in p.stdout and stringy.id in p.stdout and lost.id not in p.stdout
+    assert f"{torn.ref}: state rebuilt from events.jsonl (status.json is unreadable" in p.stderr
+    assert str(lost.dir / "status.json") in p.stderr and "skipped a run" in p.stderr
     assert "Traceback" not in p.stderr
+    assert (torn.dir / "status.json").read_text() == '{"state": "runn'  # `runner ls` never writes
 
 
 def test_a_name_with_a_trailing_newline_is_invalid(tmp_path: Path) -> None:

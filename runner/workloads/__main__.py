@@ -40,6 +40,14 @@ def main() -> int:
     if module is None:
         print(f"error: no recipe for kind {job.kind!r}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one lock per run, held by its rank-0 process
+        from runner.runs import RunError, hold_workload_lock
+
+        try:
+            hold_workload_lock(run_dir)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return int(importlib.import_module(module).run(job, run_dir) or 0)
 
 
