@@ -273,10 +273,11 @@ class Run:
         return None
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a step-* directory that exists is complete)."""
+        """Complete checkpoints, oldest first: step-* directories whose last file, trainer_state.json, exists."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.glob("step-*") if p.is_dir() and not p.is_symlink())
+        return sorted(p for p in self.checkpoints_dir.glob("step-*")
+                      if p.is_dir() and not p.is_symlink() and (p / "trainer_state.json").is_file())
 
     def metrics(self) -> list[dict[str, Any]]:
         out = []

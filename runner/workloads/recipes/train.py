@@ -6,28 +6,30 @@ validation and checkpoints -> final validation and checkpoint. SIGTERM/SIGINT fi
 a checkpoint and exit 130.
 
 Checkpoints: `checkpoints/step-NNNNNNNN/` with `adapter/` (PEFT), `tokenizer/`, `optimizer.pt`,
-`scheduler.pt`, `rng.pt` and `trainer_state.json` (step, validation accuracy, base model, sample-stream
-state). Each is written to `checkpoints/.tmp-step-...`, fsynced and renamed, so a `step-*` directory is
-always complete. `checkpoints/best` is a relative symlink to the best one by validation accuracy.
+`scheduler.pt`, `rng.pt`, `manifest.json` (size and sha256 of every file) and, last, `trainer_state.json`
+(step, validation accuracy, base model, sample-stream state). Each is written to `checkpoints/.tmp-step-...`,
+fsynced and renamed. A resume checks the newest against its manifest and passes over a damaged one (renamed
+`damaged-step-N`) for the newest intact one. `checkpoints/best` is a relative symlink to the best one by
+validation accuracy (a finite one). A non-finite loss or gradient norm stops the run as failed, or with
+`train.on_nonfinite: skip` skips that step's update (see training/nonfinite.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from runner.files import atomic_write, fsync_dir, fsync_tree
+from runner.files import atomic_write
 from runner.paths import runner_cache
 from runner.workloads.data.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
 from runner.workloads.data.records import MCQ, DataError
@@ -35,13 +37,9 @@ from runner.workloads.data.sets import dedupe, load_sources, train_val_records
 from runner.workloads.model.loading import attach_lora, base_model_path, load_model_and_tokenizer
 from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
 from runner.workloads.scoring.scorer import score_mcq
-from runner.workloads.training.checkpoints import (
-    complete_checkpoints,
-    point_best,
-    retain,
-    rng_state,
-    set_rng_state,
-)
+from runner.workloads.training.checkpointing import Checkpointing
+from runner.workloads.training.integrity import CheckpointError
+from runner.workloads.training.nonfinite import NonFiniteError, NonFiniteGuard
 from runner.workloads.training.packing import (
     Example,
     answer_loss_sum,
@@ -64,14 +62,11 @@ from runner.workloads.training.schedule import lr_lambda
 EXIT_CANCELLED = 130
 
 
-# --- small helpers -------------------------------------------------------------------------------------
-
-
 # --- the loop ------------------------------------------------------------------------------------------
 
 
-class Trainer:
-    """One training run; the methods are the stages of `run`, top to bottom."""
+class Trainer(Checkpointing):
+    """One training run; the methods are the stages of `run`, top to bottom (checkpoints: Checkpointing)."""
 
     def __init__(self, job: Any, run_dir: Path):
         self.job = job
@@ -194,97 +189,9 @@ class Trainer:
         if getattr(self, "main", True):
             print(msg, flush=True)
 
-    # checkpoints ------------------------------------------------------------------------------------
-
-    def save_checkpoint(self, step: int) -> None:
-        """Write checkpoint `step`; it becomes `best` if its own validation beats every earlier checkpoint's."""
-        self.acc.wait_for_everyone()
-        val_acc = self.last_val["accuracy"] if self.last_val and self.last_val["step"] == step else None
-        if val_acc is not None and (self.best_acc is None or val_acc > self.best_acc):
-            self.best_acc, self.best_step = val_acc, step
-        model = self.acc.unwrap_model(self.model)
-        adapter_state = None
-        if self.acc.num_processes > 1:
-            from peft import get_peft_model_state_dict
-
-            adapter_state = get_peft_model_state_dict(model, state_dict=self.acc.get_state_dict(self.model))
-        name = f"step-{step:08d}"
-        tmp = self.ckpt_dir / f".tmp-{name}"  # the same name on every rank: they all write into it
-        if self.main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self.acc.wait_for_everyone()
-        # Every rank saves its own optimizer state (sharded under FSDP) and random streams.
-        suffix = self._rank_suffix()
-        torch.save(self.opt.state_dict(), tmp / f"optimizer{suffix}.pt")
-        torch.save(rng_state(), tmp / f"rng{suffix}.pt")
-        self.acc.wait_for_everyone()
-        if not self.main:
-            return
-        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
-        self.tok.save_pretrained(tmp / "tokenizer")
-        torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
-        state = {
-            "world_size": self.acc.num_processes,
-            "step": step,
-            "val_accuracy": val_acc,
-            "best_step": self.best_step,
-            "best_accuracy": self.best_acc,
-            "base_model": self.spec.model.base,
-            "base_model_path": self.base_path,
-            "job_name": self.spec.name,
-            "spec_hash": getattr(self.job, "spec_hash", None),
-            "composer": self.composer.state_dict(),
-            "last_val": self.last_val,
-            "time": time.time(),
-        }
-        vp = getattr(self, "last_val_predictions", None)
-        if vp is not None and vp["step"] == step:
-            (tmp / "val_predictions.json").write_text(json.dumps(vp) + "\n")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")  # written last
-        fsync_tree(tmp)
-        final = self.ckpt_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        point_best(self.ckpt_dir, self.best_step)
-        retain(self.ckpt_dir, self.spec.train.keep_checkpoints, self.best_step)
-        fsync_dir(self.ckpt_dir)
-
-    def _rank_suffix(self) -> str:
-        return "" if self.acc.num_processes == 1 else f".rank{self.acc.process_index}"
-
-    def maybe_resume(self) -> int:
-        """Load the last complete checkpoint of this run directory; return the step to continue from."""
-        for p in self.ckpt_dir.glob(".tmp-step-*") if self.ckpt_dir.is_dir() else []:
-            shutil.rmtree(p, ignore_errors=True)  # torn writes of a killed run
-        ckpts = complete_checkpoints(self.ckpt_dir)
-        if not ckpts:
-            return 0
-        step, path = ckpts[-1]
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "trainer_state.json").read_text())
-        world = int(state.get("world_size", 1))
-        if world != self.acc.num_processes:
-            raise RuntimeError(
-                f"checkpoint {path.name} was written by {world} process(es), this run has {self.acc.num_processes}; "
-                "resume with the same resources (gpus x nodes), or start anew with `runner run --fresh`"
-            )
-        model = self.acc.unwrap_model(self.model)
-        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-        suffix = self._rank_suffix()
-        self.opt.load_state_dict(torch.load(path / f"optimizer{suffix}.pt", weights_only=False))
-        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(path / f"rng{suffix}.pt", weights_only=False))
-        self.composer.load_state_dict(state["composer"])
-        self.best_step, self.best_acc = state.get("best_step"), state.get("best_accuracy")
-        self.last_val = state.get("last_val")
-        self.metrics.truncate_after(step)
-        self.log(f"resuming from step {step} ({path})")
-        return step
+    def warn(self, msg: str) -> None:
+        if getattr(self, "main", True):
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     # validation -------------------------------------------------------------------------------------
 
@@ -294,6 +201,11 @@ class Trainer:
         gold = torch.tensor([r.answer_index for r in self.val_recs])
         pred = probs.argmax(-1)
         correct = (pred == gold).float()
+        # Non-finite scores make argmax meaningless: such an accuracy is NaN, and a NaN is never the best.
+        n_bad = int((~torch.isfinite(probs).all(-1)).sum())
+        if n_bad:
+            self.warn(f"the model gave non-finite scores on {n_bad}/{len(gold)} validation questions at step {step}; "
+                      "its validation accuracy is not a number")
         p_gold = probs[torch.arange(len(gold)), gold].clamp_min(1e-12)
         by_topic: dict[str, list[float]] = {}
         for r, c in zip(self.val_recs, correct.tolist(), strict=True):
@@ -301,7 +213,7 @@ class Trainer:
         row = {
             "step": step,
             "split": "val",
-            "accuracy": round(correct.mean().item(), 6),
+            "accuracy": math.nan if n_bad else round(correct.mean().item(), 6),
             "loss": round(-p_gold.log().mean().item(), 6),
             "n": len(gold),
             "accuracy_by_topic": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_topic.items())},
@@ -347,9 +259,17 @@ class Trainer:
                 loss = answer_loss_sum(self.model, batch) / n_targets
                 self.acc.backward(loss * world)
             loss_sum += loss.item()
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
+        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
+        loss = loss_sum * world if world == 1 else self._mean_loss(loss_sum)
+        applied = self.guard.check(step + 1, loss, grad_norm)  # raises NonFiniteError to stop the run
+        if applied:
+            self.opt.step()
+        else:
+            self.warn(f"{self.guard.reason} at step {step + 1}: skipped its update "
+                      f"({self.guard.skipped} step(s) skipped so far)")
+        with warnings.catch_warnings():  # the schedule follows steps, applied or skipped (torch warns on a skip)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         n_tokens = sum(len(e) for row in rows for e in row)
         replay_tokens = sum(len(e) for row, prow in zip(rows, picks, strict=True)
@@ -357,8 +277,9 @@ class Trainer:
         diffs = [DIFFICULTY_LEVEL.get(self.train_recs[p.index].difficulty, 1)
                  for prow in picks for p in prow if p.source == "train"]
         return {
-            "loss": loss_sum * world if world == 1 else self._mean_loss(loss_sum),
-            "grad_norm": float(grad_norm),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "applied": applied,
             "tokens": n_tokens,
             "replay_tokens": replay_tokens,
             "samples": sum(len(r) for r in rows),
@@ -375,6 +296,7 @@ class Trainer:
         self.best_step: int | None = None
         self.best_acc: float | None = None
         self.last_val: dict[str, Any] | None = None
+        self.guard = NonFiniteGuard(t)
         start = self.maybe_resume()
         first_val = None
         if start == 0:
@@ -393,17 +315,19 @@ class Trainer:
                 step += 1
                 for k in ("tokens", "replay_tokens", "samples", "difficulty_sum", "difficulty_n"):
                     window[k] = window.get(k, 0) + out[k]
-                window["loss"] = window.get("loss", 0.0) + out["loss"]
-                window["n"] = window.get("n", 0) + 1
+                if out["applied"]:  # a skipped step's loss is not a number to average
+                    window["loss"] = window.get("loss", 0.0) + out["loss"]
+                    window["n"] = window.get("n", 0) + 1
                 if step % t.log_every == 0 or step == t.steps:
                     dt = time.perf_counter() - t_window
                     row = self.train_row(step, window, dt, time.perf_counter() - t_start, start)
                     row["grad_norm"] = round(out["grad_norm"], 4)
                     self.metrics.write(row)
-                    progress.update(step, loss=row["loss"], tps=row["tokens_per_s"])
+                    loss = row["loss"] if row["loss"] is not None else math.nan
+                    progress.update(step, loss=loss, tps=row["tokens_per_s"])
                     if not progress.live:
                         self.log(
-                            f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                            f"step {step}/{t.steps} loss {loss:.4f} lr {row['lr']:.2e} "
                             f"{row['tokens_per_s']:.0f} tok/s eta {row['eta_s']:.0f}s"
                         )
                     window, t_window = {}, time.perf_counter()
@@ -437,7 +361,8 @@ class Trainer:
         row: dict[str, Any] = {
             "step": step,
             "split": "train",
-            "loss": round(w["loss"] / w["n"], 6),
+            "loss": round(w["loss"] / w["n"], 6) if w.get("n") else None,
+            "skipped_steps": self.guard.skipped,
             "lr": self.sched.get_last_lr()[0],
             "tokens_per_s": round(tps, 1),
             "samples": int(w["samples"]),
@@ -475,7 +400,7 @@ def run(job: Any, run_dir: Path) -> int:
         if trainer.stop_signal is not None:
             return EXIT_CANCELLED
         return trainer.run()
-    except DataError as e:
+    except (DataError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, OSError, ValueError) as e:

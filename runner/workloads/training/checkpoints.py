@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE = "trainer_state.json"  # written last: a step directory without it is a torn write
 
 
 def rng_state() -> dict[str, Any]:
@@ -37,17 +40,32 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for p in ckpt_dir.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and (p / "trainer_state.json").exists():
+        if m and p.is_dir() and not p.is_symlink() and (p / STATE).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_better(acc: Any, best: Any) -> bool:
+    """Whether validation accuracy `acc` beats `best`; a missing or non-finite accuracy never does."""
+    return finite(acc) and (not finite(best) or acc > best)
+
+
 def point_best(ckpt_dir: Path, best_step: int | None) -> None:
-    """Move the `best` symlink to `step-<best_step>` atomically (a new link under a temp name, then rename)."""
+    """Move the `best` symlink to `step-<best_step>` atomically (a new link under a temp name, then rename).
+
+    A checkpoint whose own validation accuracy is not a finite number is never pointed at."""
     if best_step is None:
         return
     target = f"step-{best_step:08d}"
-    if not (ckpt_dir / target).is_dir():
+    try:
+        acc = json.loads((ckpt_dir / target / STATE).read_text()).get("val_accuracy")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not finite(acc):
         return
     tmp = ckpt_dir / f".best-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
