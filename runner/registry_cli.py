@@ -7,7 +7,16 @@ import sys
 from typing import Any
 
 from runner.registry.promote import promote
-from runner.registry.store import EXIT_OK, EXIT_REFUSED, Registry, RegistryError, validate_name, verify_dir
+from runner.registry.store import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    Registry,
+    RegistryError,
+    parse_ref,
+    read_manifest,
+    validate_name,
+    verify_dir,
+)
 
 
 def _progress(text: str) -> None:
@@ -28,6 +37,8 @@ def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | No
         return e.code
     for line in p.messages:
         print(line)
+    for line in p.warnings:
+        _err(line)
     ev = p.manifest.get("eval")
     if ev:
         print(f"eval: {ev['kind']} accuracy {ev['accuracy']:.4f} on {ev['eval_set']}" + (f" (n={ev['n']})" if ev["n"] else ""))
@@ -134,17 +145,39 @@ def show_main(ref: str) -> int:
 
 
 def verify_main(ref: str) -> int:
+    """Re-hash one version (`NAME@alias`, `NAME:vN`) or, for a bare `NAME`, every version of it; report each."""
     reg = Registry()
     try:
-        name, v, vdir, m = reg.open(ref)
-        problems = verify_dir(vdir, m)
+        r = parse_ref(ref)
+        if r.alias is None and r.version is None:
+            reg.resolve(r)  # names the problem when there is no such name
+            name, versions = r.name, reg.versions(r.name)
+        else:
+            name, v = reg.resolve(r)
+            versions = [v]
     except RegistryError as e:
         _err(f"error: {e}")
         return e.code
-    if problems:
-        _err(f"{name}:v{v}: {len(problems)} problem(s) in {vdir}:")
-        for p in problems:
-            _err(f"  {p}")
-        return EXIT_REFUSED
-    print(f"{name}:v{v}: ok, {len(m['files'])} files match their sha256 ({vdir})")
-    return EXIT_OK
+    bad = 0
+    for v in versions:
+        vdir = reg.version_dir(name, v)
+        label = f"{name}:v{v}"
+        files = 0
+        try:
+            aliases = " ".join("@" + a for a in reg.aliases_of(name, v))
+            label += f" ({aliases})" if aliases else ""
+            m = read_manifest(vdir)
+            files, problems = len(m["files"]), verify_dir(vdir, m)
+        except RegistryError as e:
+            problems = [str(e)]
+        if problems:
+            bad += 1
+            _err(f"{label}: {len(problems)} problem(s) in {vdir}:")
+            for p in problems:
+                _err(f"  {p}")
+        else:
+            print(f"{label}: ok, {files} files match their sha256 ({vdir})")
+    if len(versions) > 1:
+        summary = f"{name}: {len(versions) - bad} of {len(versions)} versions ok"
+        (_err if bad else print)(summary + ("; a damaged version was modified or corrupted: promote its checkpoint again" if bad else ""))
+    return EXIT_REFUSED if bad else EXIT_OK

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,10 +130,59 @@ class Eval:
     source: str  # where the number comes from
     correct: dict[str, bool] | None = field(default=None, repr=False)
     predictions_file: str | None = None  # inside the version, once promoted
+    job_file: str | None = None  # the eval job file an `eval` run was started from
+    questions: dict[str, Any] | None = None  # that job's question selection (data, limit, seed)
+    letters: dict[str, int] | None = field(default=None, repr=False)  # how often each letter was answered
+    chance: float | None = None  # expected accuracy of guessing, from the number of choices
 
     def record(self) -> dict[str, Any]:
         return {"kind": self.kind, "eval_set": self.eval_set, "accuracy": self.accuracy, "n": self.n,
-                "source": self.source, "predictions_file": self.predictions_file}
+                "source": self.source, "predictions_file": self.predictions_file, "job_file": self.job_file,
+                "questions": self.questions}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], vdir: Path) -> Eval | None:
+        """An evaluation recorded in a version's manifest, with its per-question results when they were kept."""
+        try:
+            ev = cls(str(rec["kind"]), str(rec["eval_set"]), float(rec["accuracy"]),
+                     int(rec["n"]) if rec.get("n") else None, str(rec.get("source", "")),
+                     predictions_file=rec.get("predictions_file"), job_file=rec.get("job_file"),
+                     questions=rec.get("questions"))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if ev.predictions_file:
+            obj = load_json(vdir / ev.predictions_file)
+            ev.correct = predictions_of(obj)
+            ev.letters, ev.chance = letter_facts(obj)
+        return ev
+
+
+def letter_facts(obj: Any) -> tuple[dict[str, int] | None, float | None]:
+    """(answers per letter, chance accuracy) from per-question rows. Chance is the mean of 1/choices, taken from
+    each row's `choices` or `probs`; rows without either (a training run's validation) give a lower bound on the
+    number of choices: the last letter seen among answers and predictions."""
+    preds = obj.get("predictions") if isinstance(obj, dict) else obj
+    if not isinstance(preds, list) or not preds or not all(isinstance(p, dict) for p in preds):
+        return None, None
+    counts: Counter[str] = Counter()
+    inverse: list[float] = []
+    last = 0
+    for p in preds:
+        letter = p.get("pred", p.get("prediction"))
+        if isinstance(letter, str) and len(letter) == 1 and letter.isalpha():
+            counts[letter.upper()] += 1
+        for x in (letter, p.get("answer")):
+            if isinstance(x, str) and len(x) == 1 and x.isalpha():
+                last = max(last, ord(x.upper()) - ord("A") + 1)
+        k = p.get("choices", p.get("probs"))
+        k = len(k) if isinstance(k, (list, dict)) else k
+        if isinstance(k, int) and k >= 2:
+            inverse.append(1 / k)
+    if len(inverse) == len(preds):
+        chance: float | None = sum(inverse) / len(inverse)
+    else:
+        chance = 1 / last if last >= 2 else None
+    return (dict(counts) if counts else None), chance
 
 
 def load_json(p: Path) -> Any:
@@ -160,20 +211,23 @@ def _val_eval(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> Eval | No
     if acc is None:
         return None
     correct = None
+    rows: Any = None
     for fn in ("val_predictions.json", "val_predictions.jsonl", "val.json"):
         p = checkpoint / fn
         if p.is_file():
             if fn.endswith(".jsonl"):
-                rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-                correct = predictions_of(rows)
+                with contextlib.suppress(json.JSONDecodeError):
+                    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
             else:
-                correct = predictions_of(load_json(p))
+                rows = load_json(p)
+            correct = predictions_of(rows)
             if correct:
                 break
     if correct and n is None:
         n = len(correct)
+    letters, chance = letter_facts(rows) if correct else (None, None)
     return Eval("val", val_set_id(job_data), acc, int(n) if n is not None else None,
-                f"{run.ref} metrics.jsonl split=val step={step}", correct)
+                f"{run.ref} metrics.jsonl split=val step={step}", correct, letters=letters, chance=chance)
 
 
 def _mentions(obj: Any, needles: tuple[str, ...]) -> bool:
@@ -231,7 +285,27 @@ def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
     return False
 
 
-def _eval_run_evals(run: Run, checkpoint: Path) -> list[tuple[Eval, Path]]:
+def job_source(run: Run) -> str | None:
+    """The job file a run was started from, as it was given to `runner run`."""
+    with contextlib.suppress(OSError):
+        for line in run.events_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                e = json.loads(line)
+                if isinstance(e, dict) and e.get("event") == "created" and e.get("source"):
+                    return str(e["source"])
+    return None
+
+
+QUESTION_KEYS = ("data", "limit", "seed")
+
+
+def question_selection(job_data: dict[str, Any]) -> dict[str, Any]:
+    """What decides an eval job's questions; two jobs with the same selection score the same questions."""
+    return {k: job_data.get(k) for k in QUESTION_KEYS}
+
+
+def _eval_runs(matches: Callable[[Run, dict[str, Any]], bool]) -> list[tuple[Eval, Path]]:
+    """Every succeeded `eval` run whose eval.json `matches`, as an Eval (with its job file and question selection)."""
     from runner.runs import RunStore
 
     out = []
@@ -239,21 +313,48 @@ def _eval_run_evals(run: Run, checkpoint: Path) -> list[tuple[Eval, Path]]:
         st = r.status()
         if st.get("kind") != "eval" or st.get("state") != "succeeded" or not (r.dir / "eval.json").is_file():
             continue
-        try:
-            if not _eval_targets(run, checkpoint, r):
-                continue
-        except Exception:  # an unreadable eval run is not ours to judge here
-            continue
         ev = load_json(r.dir / "eval.json")
         if not isinstance(ev, dict) or not isinstance(ev.get("accuracy"), (int, float)):
             continue
+        try:
+            if not matches(r, ev):
+                continue
+            job = r.job_data()
+        except Exception:  # an unreadable eval run is not ours to judge here
+            continue
         correct = predictions_of(ev)
+        letters, chance = letter_facts(ev)
         ident = ev.get("eval_set") or ev.get("dataset_hash")
         eval_set = str(ident) if ident else (ids_set_id(list(correct)) if correct else f"run-{r.id}")
         n = ev.get("n") or (len(correct) if correct else None)
-        out.append((Eval("eval-run", eval_set, float(ev["accuracy"]), n, f"{r.ref} eval.json", correct),
+        out.append((Eval("eval-run", eval_set, float(ev["accuracy"]), n, f"{r.ref} eval.json", correct,
+                         job_file=job_source(r), questions=question_selection(job), letters=letters, chance=chance),
                     r.dir / "eval.json"))
     return out
+
+
+def _eval_run_evals(run: Run, checkpoint: Path) -> list[tuple[Eval, Path]]:
+    return _eval_runs(lambda r, _ev: _eval_targets(run, checkpoint, r))
+
+
+def version_eval_runs(manifest: dict[str, Any]) -> list[Eval]:
+    """`eval` runs of a registry version's weights: its `registry:` ref, or the run checkpoint it was promoted
+    from (a version is immutable, so an eval made after its promotion still measures it)."""
+    src = manifest.get("source") or {}
+    ident = (src.get("run_id"), src.get("checkpoint"))
+    if not all(ident):
+        return []
+
+    def matches(_r: Run, ev: dict[str, Any]) -> bool:
+        t = ev.get("target")
+        if not isinstance(t, dict):
+            return False
+        if t.get("type") == "registry":
+            s = t.get("source") or {}
+            return (s.get("run_id"), s.get("checkpoint")) == ident
+        return t.get("type") == "run" and (t.get("run_id"), t.get("checkpoint")) == ident
+
+    return [e for e, _ in _eval_runs(matches)]
 
 
 def collect_evals(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> list[tuple[Eval, Path | None]]:
@@ -263,9 +364,3 @@ def collect_evals(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> list[
         found.append((v, None))
     found += _eval_run_evals(run, checkpoint)
     return found
-
-
-def eval_command(run: Run, checkpoint: Path) -> str:
-    job = next((str(p.relative_to(Path.cwd())) for p in sorted(Path.cwd().glob("jobs/eval*.yaml"))), "jobs/eval.yaml")
-    return (f"`runner run {job} --set run={run.id} --set checkpoint={checkpoint.name}` "
-            f"(an `eval` job with `run: {run.id}` and `checkpoint: {checkpoint.name}`)")

@@ -4,7 +4,6 @@ gated when it moves an alias. Nothing here imports torch: merging and base bundl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from runner.files import atomic_write, fsync_dir, sha256_file
 from runner.paths import PROJECT_ROOT
-from runner.registry.evidence import Eval, collect_evals, eval_command, load_json, select_checkpoint, step_of
-from runner.registry.gate import format_gate, gate
+from runner.registry.eval_jobs import eval_advice, shared_eval_advice
+from runner.registry.evidence import Eval, collect_evals, job_source, load_json, select_checkpoint, step_of
+from runner.registry.gate import chance_level, format_gate, gate, holder_evals
 from runner.registry.store import (
     EXIT_REFUSED,
     FORMAT,
@@ -69,18 +69,6 @@ def _find_adapter_dir(checkpoint: Path) -> Path | None:
     return None
 
 
-def _job_source(run: Run) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in run.events_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                e = json.loads(line)
-                if e.get("event") == "created" and e.get("source"):
-                    return str(e["source"])
-    return None
-
-
-
-
 def _finalise_files(tmp: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for rel in tree_files(tmp):
@@ -108,6 +96,7 @@ class Promotion:
     vdir: Path
     manifest: dict[str, Any]
     messages: list[str]
+    warnings: list[str]
 
 
 def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = None, image: bool = False,
@@ -117,6 +106,10 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
     `log` receives progress text (waiting for the lock, image build output) as it happens."""
     from runner.runs import RunError, RunStore
 
+    if "@" in to and ":" not in to:
+        bare, _, wanted = to.partition("@")
+        raise RegistryError(f"invalid --to {to!r}: --to takes a registry name; to move an alias write "
+                            f"--to {bare} --alias {wanted}")
     name = validate_name(to)
     if alias is not None:
         validate_name(alias, "alias")
@@ -142,7 +135,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
     if not evals and not force:
         raise RegistryError(
             f"no evaluation of {run.ref} {ck.name}: neither validation accuracy at that step in metrics.jsonl nor "
-            f"an `eval` run on it. Produce one with: {eval_command(run, ck)}; or promote with --force "
+            f"an `eval` run on it. Produce one with: {eval_advice(run, ck)}or promote with --force "
             "(recorded in the manifest)", EXIT_REFUSED)
     reg = Registry(home)
     with reg.lock(name, log):
@@ -154,12 +147,14 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
             else:
                 hv = int(holder["version"])
                 hdir = reg.version_dir(name, hv)
+                held = holder_evals(hdir, read_manifest(hdir))
                 try:
-                    g = gate([e for e, _ in evals], hdir, read_manifest(hdir))
+                    g = gate([e for e, _ in evals], held)
                 except RegistryError as e:
                     if not force:
-                        raise RegistryError(f"{e}; evaluate the candidate on the holder's set: "
-                                            f"{eval_command(run, ck)}; or --force", EXIT_REFUSED) from None
+                        advice = shared_eval_advice(run, ck, [e for e, _ in evals], f"{name}:v{hv}", held)
+                        raise RegistryError(f"{e}.\n{advice}\nor promote with --force (recorded in the manifest)",
+                                            EXIT_REFUSED) from None
                     g = {"passed": False, "error": str(e)}
                 g.update(alias=alias, holder=f"{name}:v{hv}")
                 if "candidate_accuracy" in g:
@@ -172,6 +167,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
                 g["decision"] = "accepted" if g["passed"] else "forced"
                 gate_rec = g
         version = max(reg.versions(name), default=0) + 1
+        warnings = _chance_warnings(evals, f"{name}:v{version}", alias, gate_rec)
         ndir = reg.name_dir(name)
         for stale in ndir.glob(".tmp-v*"):  # left by a promotion that died; we hold the lock, so it is not live
             shutil.rmtree(stale, ignore_errors=True)
@@ -180,7 +176,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         try:
             manifest = _assemble(tmp, run, ck, checkpoint, adapter_dir, job_data, evals, name, version, merge)
             manifest["forced"] = bool(force)
-            manifest["promotion"] = {"alias": alias, "gate": gate_rec, "forced": bool(force)}
+            manifest["promotion"] = {"alias": alias, "gate": gate_rec, "forced": bool(force), "warnings": warnings}
             manifest["image"] = None
             manifest["files"] = _finalise_files(tmp)
             for rel in manifest["files"]:
@@ -208,7 +204,23 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
                 tag_image(manifest["image"]["id"], f"{name}:{alias}")
             was = f" (was v{prev['version']})" if prev else ""
             messages.append(f"alias {name}@{alias} -> v{version}{was}" + (" [forced]" if force else ""))
-        return Promotion(name, version, final, manifest, messages)
+        return Promotion(name, version, final, manifest, messages, warnings)
+
+
+def _chance_warnings(evals: list[tuple[Eval, Path | None]], label: str, alias: str | None,
+                     gate_rec: dict[str, Any] | None) -> list[str]:
+    """A warning when the evaluation a version is known by looks like guessing: a first holder sets the bar
+    every later candidate is held to."""
+    if not evals:
+        return []
+    ev = max((e for e, _ in evals), key=lambda e: (e.kind == "eval-run", e.n or 0))
+    why = chance_level(ev)
+    if not why:
+        return []
+    role = (f", the first holder of @{alias}," if gate_rec and gate_rec.get("decision") == "first holder"
+            else f", the new holder of @{alias}," if alias else "")
+    return [f"warning: {label}{role} is at chance level on {ev.eval_set} ({ev.kind}, {ev.source}): "
+            + "; ".join(why) + ". It may not have learned the task; check its training run before relying on it."]
 
 
 def _lora_of(adapter: Path) -> dict[str, Any] | None:
@@ -268,7 +280,7 @@ def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_
             "run": run.ref, "run_id": run.id, "job": run.job_name, "run_dir": str(run.dir),
             "run_state": st.get("state"), "kind": st.get("kind") or job_data.get("kind"),
             "spec_hash": job_data.get("spec_hash") or st.get("spec_hash"),
-            "job_file": _job_source(run), "resolved_spec": "source/job.yaml",
+            "job_file": job_source(run), "resolved_spec": "source/job.yaml",
             "checkpoint": ck.name, "checkpoint_selector": which, "step": step_of(ck),
         },
         "base_model": {

@@ -64,6 +64,10 @@ class IntegrityError(RegistryError):
 
 
 def validate_name(value: str, what: str = "name") -> str:
+    if what == "name" and isinstance(value, str) and ("@" in value or ":" in value):
+        bare = re.split("[@:]", value.removeprefix("registry:"), maxsplit=1)[0]
+        raise RegistryError(f"invalid registry name {value!r}: NAME@alias and NAME:vN are references to a version; "
+                            f"here only the name is taken, e.g. {bare or 'qa-agent'}")
     if not value or len(value) > MAX_NAME or not NAME_RE.fullmatch(value):
         raise RegistryError(
             f"invalid registry {what} {value!r}: use 1-{MAX_NAME} lowercase letters and digits, optionally joined by "
@@ -95,6 +99,10 @@ def parse_ref(ref: str) -> Ref:
         s = s[len("registry:"):]
     if "@" in s:
         name, alias = s.split("@", 1)
+        m = re.fullmatch(r"[vV]([0-9]+)", alias)
+        if m:  # `@` names an alias, and aliases never look like versions: this is a version meant as NAME:vN
+            raise RegistryError(f"invalid reference {ref!r}: `@` names an alias; for version {int(m.group(1))} write "
+                                f"{name}:v{int(m.group(1))}")
         return Ref(validate_name(name), alias=validate_name(alias, "alias"))
     if ":" in s:
         name, ver = s.split(":", 1)
@@ -168,7 +176,9 @@ class Registry:
             entry = self.aliases(r.name).get(r.alias)
             if entry is None:
                 have = ", ".join(f"@{a}" for a in self.aliases(r.name)) or "none"
-                raise RegistryError(f"{r.name} has no alias @{r.alias} (aliases: {have}); set one with "
+                hint = (f"; for version {int(r.alias)} write {r.name}:v{int(r.alias)}"
+                        if r.alias.isdigit() and int(r.alias) in versions else "")
+                raise RegistryError(f"{r.name} has no alias @{r.alias} (aliases: {have}){hint}; set one with "
                                     f"`runner promote RUN --to {r.name} --alias {r.alias}`")
             v = int(entry["version"])
             if v not in versions:

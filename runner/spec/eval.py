@@ -118,8 +118,14 @@ class EvalJob(JobBase, EvalTarget):
         given = self.targets() + (["models"] if self.models else [])
         if len(given) != 1:
             what = ", ".join(f"`{g}`" for g in given) if given else "none"
+            hint = ""
+            if len(given) == 2:  # typically a --set of one target on a file that names another
+                a, b = given
+                hint = f"; to keep `{a}` add --set {b}=null, to keep `{b}` add --set {a}=null"
+            elif given:
+                hint = "; keep one and clear the others with --set KEY=null"
             raise ValueError(
-                f"an eval job needs exactly one of `model`, `run`, `registry` or `models` (got {what})"
+                f"an eval job needs exactly one of `model`, `run`, `registry` or `models` (got {what}){hint}"
             )
         return self
 
