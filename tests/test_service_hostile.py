@@ -334,3 +334,18 @@ def test_seeded_fuzz_of_both_post_endpoints_never_gets_a_5xx(url: str) -> None:
     # and the service still answers
     r = _post(url, "/v1/answer", json.dumps(VALID_ANSWER).encode())
     assert r.status_code == 200 and r.json()["answer"] in "ABC"
+
+
+def test_a_question_no_source_can_write_within_the_limits_is_503_not_500(agent: AnswerAgent) -> None:  # noqa: F811
+    from runner.workloads.agents.format_filter import FormatLimits
+
+    batcher = MicroBatcher(agent).start()
+    qa = QuestionAgent(answer_agent=agent, topics=("blood_relations",), limits=FormatLimits(question_tokens=3))
+    app = create_app(agent, batcher, qa, token=TOKEN, model_name="tiny-test", max_body_bytes=BODY_LIMIT)
+    try:
+        with LiveServer(app) as srv:
+            r = _post(srv.url, "/v1/question", json.dumps(VALID_QUESTION).encode())
+    finally:
+        batcher.stop()
+    assert r.status_code == 503, (r.status_code, r.text)
+    assert "could not write a valid question" in _strict_json(r.content)["detail"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -44,10 +45,17 @@ def _best_pointer(run: Run) -> Path | None:
     return None
 
 
+def finite(v: Any) -> float | None:
+    """`v` as a float when it is a finite number: a NaN or infinite accuracy is no evidence."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
 def _val_accuracy_at(run: Run, step: int) -> float | None:
     acc = None
     for m in run.metrics():
-        if m.get("split") == "val" and m.get("step") == step and isinstance(m.get("accuracy"), (int, float)):
+        if m.get("split") == "val" and m.get("step") == step and finite(m.get("accuracy")) is not None:
             acc = float(m["accuracy"])
     return acc
 
@@ -202,12 +210,11 @@ def _val_eval(run: Run, checkpoint: Path, job_data: dict[str, Any]) -> Eval | No
     state = load_json(checkpoint / "trainer_state.json")
     if acc is None and isinstance(state, dict):
         for key in ("val_accuracy", "accuracy", "best_val_accuracy"):
-            v = state.get(key)
-            if isinstance(v, (int, float)):
-                acc = float(v)
+            acc = finite(state.get(key))
+            if acc is not None:
                 break
-        if acc is None and isinstance(state.get("val"), dict) and isinstance(state["val"].get("accuracy"), (int, float)):
-            acc = float(state["val"]["accuracy"])
+        if acc is None and isinstance(state.get("val"), dict):
+            acc = finite(state["val"].get("accuracy"))
     if acc is None:
         return None
     correct = None
@@ -314,7 +321,7 @@ def _eval_runs(matches: Callable[[Run, dict[str, Any]], bool]) -> list[tuple[Eva
         if st.get("kind") != "eval" or st.get("state") != "succeeded" or not (r.dir / "eval.json").is_file():
             continue
         ev = load_json(r.dir / "eval.json")
-        if not isinstance(ev, dict) or not isinstance(ev.get("accuracy"), (int, float)):
+        if not isinstance(ev, dict) or finite(ev.get("accuracy")) is None:
             continue
         try:
             if not matches(r, ev):

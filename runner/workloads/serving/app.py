@@ -228,8 +228,8 @@ def create_app(
             qs = await run_in_threadpool(make)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        except RuntimeError as e:
-            raise HTTPException(500, str(e)) from None
+        except RuntimeError as e:  # every source failed its checks: the service cannot, the request is fine
+            raise HTTPException(503, f"{e}; the format limits of this service rejected every attempt") from None
         return QuestionResponse(questions=[Question(**q) for q in qs])
 
     app.include_router(api)
