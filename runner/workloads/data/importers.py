@@ -23,6 +23,9 @@ from runner.spec.models import DataSource
 from runner.workloads.data.builtin import generate as generate_builtin
 from runner.workloads.data.records import MCQ, DataError, brief, make_mcq
 
+# Python refuses int("9" * N) past this many digits (a limit since 3.10.7; 4300 is its default).
+_MAX_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv")
 MAX_LINE_BYTES = 1 << 20
 MAX_JSON_BYTES = 256 << 20
@@ -306,7 +309,7 @@ def _import_tournament(path: Path, out: ImportResult, topic: str | None) -> None
         out.problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
         return
     except ValueError as e:  # an integer too long to convert
-        long_number = re.search(rf"\d{{{sys.get_int_max_str_digits() + 1},}}", text)
+        long_number = re.search(rf"\d{{{_MAX_DIGITS + 1},}}", text)
         line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
         out.problems.append(f"{path}:{line}: {_reason(e)}")
         return
@@ -346,7 +349,7 @@ def _reason(e: Exception) -> str:
     if isinstance(e, KeyError):
         return f"missing field {e}"
     if "integer string conversion" in str(e):
-        return f"invalid JSON: a number of more than {sys.get_int_max_str_digits()} digits"
+        return f"invalid JSON: a number of more than {_MAX_DIGITS} digits"
     return str(e)
 
 

@@ -28,6 +28,9 @@ from pydantic_core import PydanticCustomError
 from runner.workloads.agents.answer import MAX_DEADLINE_S
 from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
 
+# Python refuses int("9" * N) past this many digits (a limit since 3.10.7; 4300 is its default).
+_MAX_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+
 MAX_DEPTH = 16  # nesting levels a body may have; a request needs 3 (a list of objects holding a list)
 MAX_ITEMS = 256  # questions in one answer request
 MAX_PROBLEMS = 20  # decoding problems listed in one reply
@@ -80,7 +83,7 @@ def decode_json(raw: bytes) -> Any:
             "json_too_deep", (), f"the JSON is nested too deeply; a request may have at most {MAX_DEPTH} levels")]) from None
     except ValueError:  # an integer past Python's digit limit for int()
         raise RequestValidationError([_problem(
-            "number_too_long", (), f"a number in the body has over {sys.get_int_max_str_digits()} digits")]) from None
+            "number_too_long", (), f"a number in the body has over {_MAX_DIGITS} digits")]) from None
     problems = _scan(value)
     if problems:
         raise RequestValidationError(problems)
