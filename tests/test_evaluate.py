@@ -138,6 +138,7 @@ def _fake_training_run(home: Path) -> Path:
         if "lora_B" in n:
             p.data.normal_(0, 0.3)
     peft.save_pretrained(str(ck))
+    (ck.parent / "trainer_state.json").write_text(json.dumps({"step": 10}))  # the trainer's last file
     return run_dir
 
 

@@ -107,6 +107,7 @@ KNOWN: dict[str, Arch] = {a.name.lower(): a for a in [
     _llama("Llama-3.1-8B", 4096, 32, 32, 8, 14336, False),
     _llama("Llama-3.1-70B", 8192, 80, 64, 8, 28672, False),
     _llama("Llama-3.1-405B", 16384, 126, 128, 8, 53248, False),
+    Arch("SmolLM2-135M", 576, 30, 9, 3, 1536, 49152, True),  # also the offline `smollm2-135m` base
 ]}
 
 

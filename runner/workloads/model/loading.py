@@ -1,7 +1,9 @@
-"""Model and tokenizer loading: a Hugging Face id, a local directory, or a named offline base (`tiny`); LoRA via PEFT.
+"""Model and tokenizer loading: a Hugging Face id, a local directory, or a named offline base (`tiny`,
+`smollm2-135m`); LoRA via PEFT.
 
 Loading imports no training, data or scoring code. A named offline base that is not in the cache yet is built by
-its own recipe, found by module name in `OFFLINE_BASES` and imported only then.
+its builder (a recipe, or a model module that imports none of those), found by module name in `OFFLINE_BASES`
+and imported only then.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from runner.paths import runner_cache
 from runner.spec.models import LoraSpec, ModelSpec
 from runner.workloads.model.tiny import is_built, tiny_dir
 
-# Named offline bases -> the recipe module whose `build(model_spec, cache_dir, log)` makes one.
-OFFLINE_BASES = {"tiny": "runner.workloads.recipes.pretrain_tiny"}
+# Named offline bases -> the module whose `build(model_spec, cache_dir, log)` makes one (or finds it cached).
+OFFLINE_BASES = {
+    "tiny": "runner.workloads.recipes.pretrain_tiny",
+    "smollm2-135m": "runner.workloads.model.smollm2",
+}
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -31,12 +36,14 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 
 def base_model_path(model_spec: ModelSpec, cache_dir: Path | None = None, log: Any = print) -> str:
-    """Where the base weights come from: the tiny cache directory, a local directory, or a Hub id."""
+    """Where the base weights come from: an offline base's cache directory, a local directory, or a Hub id."""
     if model_spec.base == "tiny":
         path = tiny_dir(model_spec.tiny, cache_dir)
         if not is_built(path):
             path = importlib.import_module(OFFLINE_BASES["tiny"]).build(model_spec, cache_dir, log)
         return str(path)
+    if model_spec.base in OFFLINE_BASES:
+        return str(importlib.import_module(OFFLINE_BASES[model_spec.base]).build(model_spec, cache_dir, log))
     return model_spec.base
 
 

@@ -50,7 +50,10 @@ def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, d
     from runner.workloads.model.loading import load_adapter, load_model_and_tokenizer
 
     if member.model is not None:
-        model, tok = load_model_and_tokenizer(member.model, device, log=log)
+        try:
+            model, tok = load_model_and_tokenizer(member.model, device, log=log)
+        except OSError as e:  # a base that is missing, unreadable, or an offline base that cannot be built
+            raise EvalError(f"model.base {member.model.base!r}: {e}") from None
         return model, tok, {"type": "model", "base": member.model.base}
     if member.run is not None:
         from runner.registry import RegistryError, select_checkpoint
