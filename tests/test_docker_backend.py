@@ -176,7 +176,8 @@ def test_job_runs_in_a_container_as_the_host_user(engine: object, cpu_image: str
 
 @pytest.mark.docker
 def test_a_failing_job_propagates_its_exit_code(engine: object, cpu_image: str, tmp_path: Path) -> None:
-    f = _job_file(tmp_path, "prep-fails", "data:\n  train: /nonexistent/data.jsonl\n")
+    # `remote: true`: validation leaves the path to the container, where it is missing and the job fails.
+    f = _job_file(tmp_path, "prep-fails", "data:\n  train: [{path: /nonexistent/data.jsonl, remote: true}]\n")
     p = run_cli("run", str(f), timeout=600)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "failed (exit 1)" in p.stderr

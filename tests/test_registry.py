@@ -495,6 +495,7 @@ def test_a_tiny_base_is_bundled_so_the_version_stands_alone(runner_home: Path, t
                                     "data": {"train": "builtin:categories"}}, "jobs/tq.yaml"))
     ck = r.checkpoints_dir / "step-00000005"
     peft_model.save_pretrained(ck / "adapter")
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 5}))  # the trainer's last file
     r.metrics_path.write_text(json.dumps({"step": 5, "split": "val", "accuracy": 0.4}) + "\n")
     p = run_cli("promote", r.ref, "--to", "tq", "--checkpoint", "last")
     assert p.returncode == 0, p.stderr

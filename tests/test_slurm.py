@@ -49,7 +49,7 @@ echo "trainer: rank ${RUNNER_NODE_RANK} of ${RUNNER_NNODES} (master ${RUNNER_MAS
 save() {
     d="$ck/step-$(printf %08d "$step")"
     [ -d "$d" ] && return
-    mkdir -p "$d.tmp" && echo "$step" > "$d.tmp/state" && sleep "${SAVE_S:-0}" && mv "$d.tmp" "$d"
+    mkdir -p "$d.tmp" && echo "$step" > "$d.tmp/state" && echo "{\"step\": $step}" > "$d.tmp/trainer_state.json" && sleep "${SAVE_S:-0}" && mv "$d.tmp" "$d"
 }
 trap 'echo "trainer: SIGTERM at step $step, saving"; save; echo "trainer: saved step $step"; exit 130' TERM
 while [ "$step" -lt "$STEPS" ]; do
