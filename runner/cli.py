@@ -75,6 +75,7 @@ def validate(files: list[str] = typer.Argument(..., help="Job files to check."))
     Deprecated keys get a `warning:` line each and do not change the exit code.
     """
     from runner.spec import SpecError, load_job
+    from runner.spec.problems import printable
 
     bad = 0
     for f in files:
@@ -86,7 +87,7 @@ def validate(files: list[str] = typer.Argument(..., help="Job files to check."))
             continue
         for w in job.warnings:
             err(str(w))
-        print(f"{f}: ok ({job.kind} {job.name}, spec {job.spec_hash})")
+        print(printable(f"{f}: ok ({job.kind} {job.name}, spec {job.spec_hash})"))
     if bad:
         raise Exit(EXIT_INVALID)
 

@@ -8,23 +8,34 @@ warning `Problem` each.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from runner.spec import models
+from runner.spec.data_paths import missing_data_paths
+from runner.spec.hashing import spec_hash
 from runner.spec.kinds import JOB_MODELS
-from runner.spec.limits import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES, flow_depth
-from runner.spec.problems import Mark, Path_, Problem, SpecError
+from runner.spec.limits import (
+    MAX_DEPTH,
+    MAX_VALUES,
+    Refused,
+    file_problem,
+    lone_surrogate,
+    read_text,
+    resolved,
+    text_problem,
+    yaml_reader,
+)
+from runner.spec.overrides import apply_set, moved_set
+from runner.spec.problems import SHOWN_CHARS, Mark, Path_, Problem, SpecError, shown
 
 ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -79,21 +90,10 @@ class Job:
         return spec_hash(self.stored_data())
 
 
-def spec_hash(data: dict[str, Any]) -> str:
-    """Hash of what a job computes: stable across key order, comments and free-text fields."""
-    d = {k: v for k, v in data.items() if k not in ("description", "tags")}
-    if isinstance(d.get("resources"), dict):
-        # Hashed in the flat layout resources had before its backend sections: runs from before keep their
-        # hash, so they still resume, compare and trace as the same spec.
-        d["resources"] = models.flat_resources(d["resources"])
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 # --- YAML with marks -----------------------------------------------------------------------------------
 
 
-def _too_big(file: str, path: Path_, marks: dict[Path_, Mark], why: str) -> SpecError:
+def _problem_at(file: str, path: Path_, marks: dict[Path_, Mark], why: str) -> SpecError:
     mark = next((marks[path[:i]] for i in range(len(path), -1, -1) if path[:i] in marks), Mark(file, 1, 1))
     return SpecError([Problem(mark, _dotted(path), why)])
 
@@ -101,9 +101,9 @@ def _too_big(file: str, path: Path_, marks: dict[Path_, Mark], why: str) -> Spec
 def _plain(node: Any, file: str, path: Path_, marks: dict[Path_, Mark]) -> Any:
     """CommentedMap/Seq -> dict/list, recording a mark for every key and item."""
     if len(path) > MAX_DEPTH:
-        raise _too_big(file, path, marks, f"nested more than {MAX_DEPTH} levels deep; a job file is a few levels deep")
+        raise _problem_at(file, path, marks, f"nested more than {MAX_DEPTH} levels deep; a job file is a few levels deep")
     if len(marks) > MAX_VALUES:
-        raise _too_big(file, path, marks, f"more than {MAX_VALUES:,} values once YAML aliases are expanded; "
+        raise _problem_at(file, path, marks, f"more than {MAX_VALUES:,} values once YAML aliases are expanded; "
                                           "a job file holds a few hundred (aliases that expand into each other?)")
     if isinstance(node, CommentedMap):
         out = {}
@@ -113,6 +113,8 @@ def _plain(node: Any, file: str, path: Path_, marks: dict[Path_, Mark]) -> Any:
             except (KeyError, TypeError):
                 line, col = node.lc.line, node.lc.col
             marks[(*path, str(k))] = Mark(file, line + 1, col + 1)
+            if (why := lone_surrogate(str(k))) is not None:
+                raise _problem_at(file, (*path, str(k)), marks, f"the key {why}")
             out[str(k)] = _plain(node[k], file, (*path, str(k)), marks)
         return out
     if isinstance(node, CommentedSeq):
@@ -126,38 +128,37 @@ def _plain(node: Any, file: str, path: Path_, marks: dict[Path_, Mark]) -> Any:
             out_l.append(_plain(v, file, (*path, i), marks))
         return out_l
     if node is not None and not isinstance(node, (str, int, float, bool)):
-        return str(node) if not hasattr(node, "isoformat") else node.isoformat()
+        node = str(node) if not hasattr(node, "isoformat") else node.isoformat()
+    if isinstance(node, str) and (why := lone_surrogate(node)) is not None:
+        raise _problem_at(file, path, marks, f"the value {why}")
     return node
 
 
 def _read_yaml(path: Path, marks: dict[Path_, Mark]) -> dict[str, Any]:
     file = str(path)
+    text = read_text(path, file)
+    beyond = text_problem(text)
+    if beyond is not None:
+        raise SpecError([Problem(Mark(file, beyond[0], beyond[1]), "", beyond[2])])
+    yaml = yaml_reader("rt")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([Problem(Mark(file, 1, 1), "", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError([Problem(Mark(file, 1, 1), "", f"cannot read file: {e}")]) from None
-    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
-        raise SpecError([Problem(Mark(file, 1, 1), "", f"the file is {len(text.encode('utf-8')):,} bytes; a job file may "
-                                                       f"be at most {MAX_FILE_BYTES:,} (data belongs in data files)")])
-    depth, line = flow_depth(text)
-    if depth > MAX_DEPTH:
-        raise SpecError([Problem(Mark(file, line, 1), "", f"nested more than {MAX_DEPTH} levels deep; a job file is a "
-                                                          "few levels deep")])
-    yaml = YAML(typ="rt")
-    try:
-        doc = yaml.load(text)
+        with warnings.catch_warnings():  # the parser's notes (a reused anchor) would print as loose lines
+            warnings.simplefilter("ignore")
+            doc = yaml.load(text)
     except RecursionError:
         raise SpecError([Problem(Mark(file, 1, 1), "", f"nested too deeply to read; a job file is a few levels deep "
                                                        f"(at most {MAX_DEPTH})")]) from None
     except MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
         line, col = (m.line + 1, m.column + 1) if m else (1, 1)
-        msg = " ".join(x for x in (e.context, e.problem) if x) or "invalid YAML"
-        raise SpecError([Problem(Mark(file, line, col), "", f"invalid YAML: {msg}")]) from None
+        msg = " ".join(" ".join(x for x in (e.context, e.problem) if x).split()) or "invalid YAML"
+        msg = msg if len(msg) <= 4 * SHOWN_CHARS else msg[: 4 * SHOWN_CHARS] + "..."  # it may quote whole values
+        msg = msg if isinstance(e, Refused) else f"invalid YAML: {msg}"
+        raise SpecError([Problem(Mark(file, line, col), "", msg)]) from None
     except YAMLError as e:
-        raise SpecError([Problem(Mark(file, 1, 1), "", f"invalid YAML: {e}")]) from None
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"invalid YAML: {' '.join(str(e).split())}")]) from None
+    except Exception as e:  # noqa: BLE001 - the parser's own failures on input it does not expect: still an answer
+        raise SpecError([Problem(Mark(file, 1, 1), "", f"invalid YAML the parser cannot read ({type(e).__name__})")]) from None
     if doc is None:
         raise SpecError([Problem(Mark(file, 1, 1), "", "the file is empty; a job needs at least `kind` and `name`")])
     if not isinstance(doc, CommentedMap):
@@ -205,10 +206,13 @@ def _load_tree(path: Path, marks: dict[Path_, Mark], stack: tuple[Path, ...],
             raise SpecError([Problem(own_marks[("extends",)], "extends", "must be a path or a list of paths")])
         for i, b in enumerate(bases):
             mark = own_marks.get(("extends", i), own_marks[("extends",)])
-            target = (path.parent / b).resolve()
-            if not target.exists():
-                hint = f"looked for {target}; paths are relative to {path.parent}"
-                raise SpecError([Problem(mark, "extends", f"file {b!r} not found ({hint})")])
+            target = resolved(path.parent / b)
+            why = file_problem(target)
+            if why == "not found":
+                hint = f"looked for {shown(str(target), 300)}; paths are relative to {path.parent}"
+                raise SpecError([Problem(mark, "extends", f"file {shown(b)} not found ({hint})")])
+            if why is not None:
+                raise SpecError([Problem(mark, "extends", f"file {shown(b)} {why}")])
             if target in stack:
                 chain = " -> ".join(p.name for p in (*stack, target))
                 raise SpecError([Problem(mark, "extends", f"extends cycle: {chain}")])
@@ -235,51 +239,6 @@ def _is_list_path(data: Any, path: Path_) -> bool:
 
 
 # --- overrides and interpolation ---------------------------------------------------------------------
-
-
-def _apply_set(data: dict[str, Any], expr: str, marks: dict[Path_, Mark]) -> None:
-    cli = Mark("--set", 1, 1)
-    if "=" not in expr:
-        raise SpecError([Problem(cli, expr, "expected KEY=VALUE, e.g. --set train.steps=100")])
-    key, raw = expr.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise SpecError([Problem(cli, key, "empty key segment; use dotted keys like train.lr=1e-4")])
-    try:
-        value = YAML(typ="safe").load(raw) if raw.strip() else ""
-    except (YAMLError, RecursionError) as e:
-        if raw.lstrip().startswith(("[", "{", '"', "'")):  # meant as YAML, not as a plain string
-            detail = " ".join(str(e).split())[:200]
-            raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key, f"the value {raw!r} is not valid YAML: {detail}")]) from None
-        value = raw
-    node: Any = data
-    for i, p in enumerate(parts):
-        here = ".".join(parts[:i]) or "the job"
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not p.isdigit():
-                raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key,
-                                         f"{here} is a list: address an item by its index, e.g. {here}.0.{p}")])
-            if int(p) >= len(node):
-                raise SpecError([Problem(Mark(f"--set {key}", 1, 1), key,
-                                         f"{here} has {len(node)} item(s) (0-{len(node) - 1}); index {p} is out of range")])
-            if last:
-                node[int(p)] = value
-            else:
-                if not isinstance(node[int(p)], (dict, list)):
-                    node[int(p)] = {}
-                node = node[int(p)]
-            continue
-        if last:
-            node[p] = value
-        else:
-            if not isinstance(node.get(p), (dict, list)):
-                node[p] = {}
-            node = node[p]
-    path = tuple(int(p) if p.isdigit() else p for p in parts)
-    for k in [k for k in marks if k[: len(path)] == path]:
-        marks.pop(k)
-    marks[path] = Mark(f"--set {key}", 1, 1)
 
 
 def _interpolate(node: Any, path: Path_, marks: dict[Path_, Mark], problems: list[Problem],
@@ -394,7 +353,7 @@ def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Pat
         typ = e["type"]
         if typ == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
-            msg = f"unknown key {loc[-1]!r}"
+            msg = f"unknown key {shown(loc[-1])}"
             if owner is not None:
                 msg += _suggest(str(loc[-1]), list(owner.model_fields))
             out.append(Problem(_mark_for(loc, marks), _dotted(loc), msg))
@@ -404,8 +363,10 @@ def _problems_from(err: ValidationError, model: type[BaseModel], marks: dict[Pat
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
+            if isinstance(e.get("input"), str) and len(msg) > 2 * SHOWN_CHARS:  # a validator that quotes the value
+                msg = msg.replace(repr(e["input"]), shown(e["input"]))
             if "input" in e and typ not in ("model_type", "dict_type") and not isinstance(e["input"], (dict, list)):
-                msg += f" (got {e['input']!r}){_type_hint(typ, e['input'])}"
+                msg += f" (got {shown(e['input'])}){_type_hint(typ, e['input'])}"
             out.append(Problem(_mark_for(loc, marks), _dotted(loc), msg))
     return out
 
@@ -415,38 +376,27 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = (), back
     p = Path(path)
     marks: dict[Path_, Mark] = {}
     warnings: list[Problem] = []
-    data = _load_tree(p.resolve(), marks, (p.resolve(),), warnings)
+    full = resolved(p)
+    data = _load_tree(full, marks, (full,), warnings)
     # Show marks with the path as the user wrote it.
-    shown = str(p)
+    as_given, as_read = str(p), str(full)
     for k, m in list(marks.items()):
-        if m.file == str(p.resolve()):
-            marks[k] = Mark(shown, m.line, m.col)
-    marks[()] = Mark(shown, 1, 1)
-    warnings = [replace(w, mark=Mark(shown, w.mark.line, w.mark.col)) if w.mark.file == str(p.resolve()) else w
+        if m.file == as_read:
+            marks[k] = Mark(as_given, m.line, m.col)
+    marks[()] = Mark(as_given, 1, 1)
+    warnings = [replace(w, mark=Mark(as_given, w.mark.line, w.mark.col)) if w.mark.file == as_read else w
                 for w in warnings]
     for expr in overrides:
-        _apply_set(data, _moved_set(expr, warnings), marks)
+        apply_set(data, moved_set(expr, warnings), marks)
     if backend is not None:
         data["backend"] = backend
     return _resolve(data, marks, p, warnings, check_image=True)
 
 
-def _moved_set(expr: str, warnings: list[Problem]) -> str:
-    """`--set resources.partition=x` -> `--set resources.slurm.partition=x`, with a warning."""
-    key, sep, raw = expr.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or parts[0] != "resources" or parts[1] not in models.MOVED_RESOURCES:
-        return expr
-    section, new = models.MOVED_RESOURCES[parts[1]]
-    warnings.append(Problem(Mark(f"--set {key.strip()}", 1, 1), key.strip(), f"moved to resources.{section}.{new}",
-                            "warning"))
-    return f"resources.{section}.{new}={raw}"
-
-
 def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path,
              warnings: list[Problem] | None = None, check_image: bool = False) -> Job:
     """Interpolate and validate; `check_image` for job files (a stored run is read where images/ may be absent)."""
-    shown = str(source)
+    as_given = str(source)
     problems: list[Problem] = []
     secrets: dict[str, str] = {}
     data = _interpolate(data, (), marks, problems, secrets)
@@ -457,19 +407,22 @@ def _resolve(data: dict[str, Any], marks: dict[Path_, Mark], source: Path,
     if kind is None:
         problems.append(Problem(marks[()], "kind", f"required field is missing; one of: {', '.join(JOB_MODELS)}"))
         raise SpecError(problems)
-    if kind not in JOB_MODELS:
-        close = difflib.get_close_matches(str(kind), list(JOB_MODELS), n=1)
+    if not isinstance(kind, str) or kind not in JOB_MODELS:
+        close = difflib.get_close_matches(kind, list(JOB_MODELS), n=1) if isinstance(kind, str) else []
         hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(JOB_MODELS)}"
-        problems.append(Problem(_mark_for(("kind",), marks), "kind", f"unknown kind {kind!r}; {hint}"))
+        problems.append(Problem(_mark_for(("kind",), marks), "kind", f"unknown kind {shown(kind)}; {hint}"))
         raise SpecError(problems)
     model = JOB_MODELS[kind]
     try:
         spec = model.model_validate(data)
     except ValidationError as e:
         problems.extend(_problems_from(e, model, marks))
+    else:
+        if check_image:  # a job file, validated where it is submitted: its local data must be here
+            problems.extend(Problem(_mark_for(loc, marks), _dotted(loc), msg) for loc, msg in missing_data_paths(spec))
 
     def order(q: Problem) -> tuple[bool, int, int]:
-        return q.mark.file != shown, q.mark.line, q.mark.col
+        return q.mark.file != as_given, q.mark.line, q.mark.col
 
     warnings = sorted(warnings or [], key=order)
     if problems:
@@ -488,7 +441,7 @@ def job_from_data(data: dict[str, Any], source: str = "job.yaml") -> Job:
     kind = data.get("kind")
     model = JOB_MODELS.get(str(kind))
     if model is None:
-        raise SpecError([Problem(Mark(source, 1, 1), "kind", f"unknown kind {kind!r}")])
+        raise SpecError([Problem(Mark(source, 1, 1), "kind", f"unknown kind {shown(kind)}")])
     try:
         return Job(spec=model.model_validate(data), source=Path(source))
     except ValidationError as e:

@@ -267,6 +267,10 @@ class DataSource(Section):
     topic: str | None = Field(None, description="Topic for records that have none (MMLU: the file's subject).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (after shuffling).")
     topics: list[str] | None = Field(None, description="Keep only records of these topics.")
+    remote: bool = Field(
+        False, description="The path exists only where the job runs (a cluster's storage, inside the image): "
+        "`runner validate` does not look for it here.",
+    )
 
 
 def source_list(v: object) -> object:
@@ -350,6 +354,11 @@ class TrainSpec(Section):
     seed: int = Field(0, description="Seed for everything random in training.")
     deterministic: bool = Field(False, description="Deterministic kernels (slower; exact resume comparisons).")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (CPU runs).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="What a non-finite loss or gradient norm does: `stop` fails the run naming the step; `skip` "
+        "drops that step's update and counts it (`skipped_steps`); 10 skips in a row fail the run.",
+    )
 
 
 class LoggingSpec(Section):
