@@ -26,15 +26,12 @@ def _say(msg: str) -> None:
 
 def _orphan_alive(r: Run) -> str | None:
     """Who is still running this run's workload (its lock holder, or what its backend sees), or None."""
-    from runner.backends import EnvironmentProblem, get_backend
+    from runner.backends import poll_run
 
     holder = r.workload_holder()
     if holder is not None:
         return holder
-    try:
-        seen = get_backend(str(r.status().get("backend") or "local")).poll(r)
-    except EnvironmentProblem:
-        seen = None
+    seen = poll_run(r)
     return "its job, as its backend reports" if seen is not None and seen[0] == "running" else None
 
 

@@ -20,12 +20,9 @@ def reconcile(r: Run) -> str:
         return state
     if state == "pending":
         return state
-    from runner.backends import EnvironmentProblem, get_backend
+    from runner.backends import poll_run
 
-    try:
-        seen = get_backend(str(st.get("backend") or "local")).poll(r)
-    except EnvironmentProblem:
-        seen = None
+    seen = poll_run(r)
     if seen is not None and seen[0] == "running":
         if not st.get("orphan"):
             r.update(orphan=True)

@@ -153,18 +153,8 @@ class Run:
     def rebuilt_status(self) -> dict[str, Any] | None:
         """The run's status replayed from events.jsonl (creation, then each state change with its fields), or
         None when there is no readable event. A torn last line is skipped."""
-        try:
-            lines = self.events_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return None
         st: dict[str, Any] = {}
-        for line in lines:
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(e, dict):
-                continue
+        for e in self.events():
             if e.get("event") == "created":
                 st.setdefault("state", "pending")
                 st.update(created_at=e.get("time"), spec_hash=e.get("spec_hash"))
@@ -190,6 +180,20 @@ class Run:
 
         data = YAML(typ="safe").load((self.dir / "job.yaml").read_text())
         return dict(data or {})
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The readable events of events.jsonl, oldest first; a torn or foreign line is skipped."""
+        try:
+            lines = self.events_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(e, dict):
+                yield e
 
     def _event(self, event: dict[str, Any]) -> None:
         line = json.dumps({"time": now_iso(), **event}, sort_keys=True) + "\n"
@@ -244,33 +248,29 @@ class Run:
         finally:
             os.close(fd)
 
-    def is_locked(self) -> bool:
-        """Whether a process holds the run's lock. Read-only: a run that was never locked has no `.lock`."""
+    def _lock_holder(self, name: str) -> str | None:
+        """What the holder of lock file `name` wrote there ("" if nothing), or None when no process holds it.
+        Read-only: a lock that was never taken has no file, and none is created."""
         try:
-            fd = os.open(self.dir / ".lock", os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-    def workload_holder(self) -> str | None:
-        """`pid N on HOST` of the workload that holds this run's workload lock, or None. Read-only."""
-        try:
-            fd = os.open(self.dir / WORKLOAD_LOCK, os.O_RDONLY)
+            fd = os.open(self.dir / name, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            return os.read(fd, 200).decode(errors="replace").strip()
         finally:
             os.close(fd)
         return None
+
+    def is_locked(self) -> bool:
+        """Whether a process holds the run's lock (a runner drives it)."""
+        return self._lock_holder(".lock") is not None
+
+    def workload_holder(self) -> str | None:
+        """`pid N on HOST` of the workload that holds this run's workload lock, or None. Read-only."""
+        holder = self._lock_holder(WORKLOAD_LOCK)
+        return None if holder is None else holder or "a process"
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first: step-* directories whose last file, trainer_state.json, exists."""

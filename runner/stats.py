@@ -8,9 +8,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Method = Literal["auto", "exact", "chi2", "chi2_cc"]
+
+
+def finite(v: Any) -> float | None:
+    """`v` as a float when it is a finite number (not a bool), else None: a NaN accuracy is no measurement."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def _binom_two_sided(k: int, n: int) -> float:

@@ -10,6 +10,7 @@ from runner.backends.base import EXIT_CANCELLED, Backend, EnvironmentProblem, Ha
 
 if TYPE_CHECKING:
     from runner.plan import Plan
+    from runner.runs import Run
     from runner.spec import Job
 
 BACKENDS = {
@@ -35,6 +36,14 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
+def poll_run(run: Run) -> tuple[str, int | None] | None:
+    """(state, exit code) of a run as the backend it ran on sees it now; None when it cannot tell or be asked."""
+    try:
+        return get_backend(str(run.status().get("backend") or "local")).poll(run)
+    except EnvironmentProblem:
+        return None
+
+
 def plan_for(job: Job, backend: str | None = None, workdir: str | None = None) -> Plan:
     """The job's plan with the backend's own files added: what `runner plan` shows and `runner run` writes."""
     from runner.plan import render_plan
@@ -43,4 +52,4 @@ def plan_for(job: Job, backend: str | None = None, workdir: str | None = None) -
     return replace(plan, files={**plan.files, **get_backend(plan.backend).render_files(plan)})
 
 
-__all__ = ["BACKENDS", "EXIT_CANCELLED", "Backend", "EnvironmentProblem", "Handle", "get_backend", "plan_for"]
+__all__ = ["BACKENDS", "EXIT_CANCELLED", "Backend", "EnvironmentProblem", "Handle", "get_backend", "plan_for", "poll_run"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.registry.store import EXIT_REFUSED, RegistryError
+from runner.stats import finite
 
 if TYPE_CHECKING:
     from runner.runs import Run
@@ -43,13 +43,6 @@ def _best_pointer(run: Run) -> Path | None:
             target = run.checkpoints_dir / Path(text).name
             return target if target.is_dir() else None
     return None
-
-
-def finite(v: Any) -> float | None:
-    """`v` as a float when it is a finite number: a NaN or infinite accuracy is no evidence."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
 
 
 def _val_accuracy_at(run: Run, step: int) -> float | None:
@@ -294,13 +287,7 @@ def _eval_targets(run: Run, checkpoint: Path, eval_run: Run) -> bool:
 
 def job_source(run: Run) -> str | None:
     """The job file a run was started from, as it was given to `runner run`."""
-    with contextlib.suppress(OSError):
-        for line in run.events_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                e = json.loads(line)
-                if isinstance(e, dict) and e.get("event") == "created" and e.get("source"):
-                    return str(e["source"])
-    return None
+    return next((str(e["source"]) for e in run.events() if e.get("event") == "created" and e.get("source")), None)
 
 
 QUESTION_KEYS = ("data", "limit", "seed")

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from runner.files import fsync_dir, fsync_tree
+from runner.stats import finite
 from runner.workloads.training.checkpoints import (
     STATE,
     complete_checkpoints,
-    finite,
     is_better,
     point_best,
     retain,
@@ -180,6 +180,7 @@ class Checkpointing:
                 "start anew with `runner run --fresh`"
             ) from None
         best_acc = ck.state.get("best_accuracy")
-        self.best_step, self.best_acc = (ck.state.get("best_step"), best_acc) if finite(best_acc) else (None, None)
+        finite_best = finite(best_acc) is not None
+        self.best_step, self.best_acc = (ck.state.get("best_step"), best_acc) if finite_best else (None, None)
         self.last_val = ck.state.get("last_val")
         self.guard.skipped = int(ck.state.get("skipped_steps") or 0)

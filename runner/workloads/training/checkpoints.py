@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from runner.stats import finite
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE = "trainer_state.json"  # written last: a step directory without it is a torn write
@@ -45,13 +46,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def is_better(acc: Any, best: Any) -> bool:
     """Whether validation accuracy `acc` beats `best`; a missing or non-finite accuracy never does."""
-    return finite(acc) and (not finite(best) or acc > best)
+    return finite(acc) is not None and (finite(best) is None or acc > best)
 
 
 def point_best(ckpt_dir: Path, best_step: int | None) -> None:
@@ -65,7 +62,7 @@ def point_best(ckpt_dir: Path, best_step: int | None) -> None:
         acc = json.loads((ckpt_dir / target / STATE).read_text()).get("val_accuracy")
     except (OSError, ValueError, AttributeError):
         return
-    if not finite(acc):
+    if finite(acc) is None:
         return
     tmp = ckpt_dir / f".best-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
