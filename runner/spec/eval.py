@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from runner.spec.models import DataSource, JobBase, ModelSpec, Section, source_list
+from runner.spec.models import PROMPT_DESCRIPTION, DataSource, JobBase, ModelSpec, PromptSpec, Section, source_list
 
 CHECKPOINT_RE = re.compile(r"^(best|last|step-?[0-9]+|[0-9]+)$")
 
@@ -27,6 +27,7 @@ class EvalTarget(Section):
     registry: str | None = Field(
         None, description="A promoted version: `NAME@alias`, `NAME:vN` or `NAME` (its latest version)."
     )
+    prompt: PromptSpec | None = Field(None, description=PROMPT_DESCRIPTION)
 
     @field_validator("checkpoint")
     @classmethod

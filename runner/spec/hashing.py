@@ -14,7 +14,7 @@ from runner.spec import models
 
 # Keys added to the schema after runs were first stored, with the default that leaves the hash as it was.
 # A data source's `remote` never changes what a job computes, whatever its value.
-LATER_DEFAULTS: dict[str, object] = {"on_nonfinite": "stop"}
+LATER_DEFAULTS: dict[str, object] = {"on_nonfinite": "stop", "prompt": None}
 
 
 def _without_later_defaults(node: Any) -> Any:

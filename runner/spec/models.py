@@ -245,6 +245,30 @@ class ModelSpec(Section):
     tiny: TinyModel = Field(default_factory=TinyModel, description="Shape of the `tiny` model.")
 
 
+class PromptSpec(Section):
+    style: Literal["plain", "chat", "mmlu"] = Field(
+        "plain",
+        description="How a question is shown to the model: `plain` (`Question:`, `A)` choices, `Answer:`), `chat` "
+        "(the tokenizer's chat template; the letter starts the assistant turn) or `mmlu` (lm-evaluation-harness's "
+        "zero-shot MMLU prompt).",
+    )
+    system: str | None = Field(None, max_length=4000, description="A system turn (`style: chat` only).")
+
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> PromptSpec:
+        if self.system is not None and self.style != "chat":
+            raise At("system", f"`system` is used only by `style: chat` (this prompt has style {self.style})")
+        if self.system is not None and CONTROL_RE.search(self.system):
+            raise At("system", "control characters (other than tab and newline) are not allowed in a system turn")
+        return self
+
+
+PROMPT_DESCRIPTION = (
+    "The prompt contract (style, system turn). Unset: the style the adapter was trained with (recorded in "
+    "its `prompt.json`), else `plain`."
+)
+
+
 class LoraSpec(Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
@@ -426,6 +450,9 @@ class PrepareJob(JobBase):
 class TrainJob(JobBase):
     kind: Literal["train"] = Field(description="LoRA fine-tuning.")
     model: ModelSpec = Field(description="Base model.")
+    prompt: PromptSpec | None = Field(
+        None, description="The prompt contract the adapter is trained with (unset: `plain`); recorded with it."
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
     data: DataSpec = Field(description="Training and validation data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from runner.spec.models import At, DataSource, JobBase, ModelSpec, Section
+from runner.spec.models import PROMPT_DESCRIPTION, At, DataSource, JobBase, ModelSpec, PromptSpec, Section
 
 PROCEDURAL_TOPICS = ["seating_linear", "seating_circular", "blood_relations", "syllogisms", "alphanumeric_series"]
 QuestionSource = Literal["bank", "procedural", "model"]
@@ -24,6 +24,7 @@ class AgentSource(Section):
         "directory (its latest checkpoint).",
     )
     registry: str | None = Field(None, description="A promoted artifact: `NAME@alias` or `NAME:vN`.")
+    prompt: PromptSpec | None = Field(None, description=PROMPT_DESCRIPTION)
 
     @model_validator(mode="after")
     def _some_source(self) -> AgentSource:

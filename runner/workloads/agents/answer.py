@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from runner.workloads.scoring.calibration import rotated, unrotated
-from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
+from runner.workloads.scoring.prompts import LETTERS, Prompter, prompter, resolve_prompt, strip_choice_prefix
 from runner.workloads.scoring.scorer import score_mcq
 
 MAX_DEADLINE_S = 120.0  # the longest deadline one answer request may ask for
@@ -70,10 +70,13 @@ class AnswerAgent:
         deadline_s: float = 6.0,
         batch_size: int = 32,
         reasoning: bool = True,
+        prompt: Any = None,
     ) -> None:
         if not members:
             raise ValueError("an answer agent needs at least one model")
         self.members = list(members)
+        # Each member's prompt style: the job's `prompt` when set, else the one its adapter was trained with.
+        self.prompts = [prompter(tok, resolve_prompt(prompt, model)) for model, tok in self.members]
         self.permutations = permutations
         self.deadline_s = deadline_s
         self.batch_size = batch_size
@@ -84,13 +87,19 @@ class AnswerAgent:
     def tokenizer(self) -> Any:
         return self.members[0][1]
 
+    @property
+    def prompter(self) -> Prompter:
+        """The first member's prompt format (what the service measures prompts with)."""
+        return self.prompts[0]
+
     def probabilities(self, items: Sequence[AnswerItem], deadline: float | None = None) -> tuple[torch.Tensor, int]:
         """Averaged letter probabilities [n, 10] and the number of passes they come from (0: none in time)."""
         n = len(items)
         total = torch.zeros(n, len(LETTERS))
         passes = 0
-        plan = [(m, s) for s in range(self.permutations + 1) for m in self.members]
-        for (model, tok), shift in plan:
+        plan = [(k, s) for s in range(self.permutations + 1) for k in range(len(self.members))]
+        for k, shift in plan:
+            model, tok = self.members[k]
             now = time.monotonic()
             if deadline is not None and passes > 0:
                 est = self._pass_seconds or 0.0
@@ -100,7 +109,7 @@ class AnswerAgent:
                 break
             shifted = [AnswerItem(it.question, rotated(it.choices, shift)) for it in items]
             t0 = time.monotonic()
-            probs = score_mcq(model, tok, shifted, batch_size=self.batch_size)
+            probs = score_mcq(model, tok, shifted, batch_size=self.batch_size, prompt=self.prompts[k])
             dt = time.monotonic() - t0
             self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
             if shift == 0:  # the unrotated pass: letters already in the original order

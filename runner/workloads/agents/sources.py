@@ -84,6 +84,7 @@ def _load_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:
     if source.model is None:
         raise ValueError("no model: give `model` or `registry`")
     from runner.workloads.model.loading import load_adapter, load_model_and_tokenizer
+    from runner.workloads.scoring.prompts import remember_prompt
 
     model, tok = load_model_and_tokenizer(source.model, device, log=log)
     desc = str(source.model.base)
@@ -91,5 +92,6 @@ def _load_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:
         adapter = find_adapter(Path(source.adapter))
         model = load_adapter(model, adapter, trainable=False)
         model.eval()
+        remember_prompt(model, adapter)
         desc += f" + {adapter}"
     return model, tok, desc

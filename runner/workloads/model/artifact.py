@@ -55,6 +55,7 @@ def load_artifact(
     `merged=None` uses the merged weights when the version has them, else base + adapter.
     """
     from runner.workloads.model.loading import load_adapter, load_model_and_tokenizer
+    from runner.workloads.scoring.prompts import remember_prompt
 
     vdir = resolve_artifact(ref, verify=verify)
     manifest = read_manifest(vdir)
@@ -64,10 +65,12 @@ def load_artifact(
         raise RegistryError(f"{vdir} has no merged weights; promote with --merge")
     if has_merged and merged is not False:
         model, tok = load_model_and_tokenizer(spec.model_copy(update={"base": str(vdir / "merged")}), device)
+        remember_prompt(model, vdir / "adapter")  # the style the merged adapter was trained with
         return model, _tokenizer(vdir, tok), manifest
     base, tok = load_model_and_tokenizer(spec, device)
     model = load_adapter(base, vdir / "adapter", trainable=False)
     model.eval()
+    remember_prompt(model, vdir / "adapter")
     return model, _tokenizer(vdir, tok), manifest
 
 

@@ -21,7 +21,7 @@ import torch
 
 from runner.workloads.model.packed_attention import enable_packed_scoring
 from runner.workloads.scoring.calibration import cyclic_debias, letter_bias
-from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.scoring.prompts import LETTERS, resolve_prompt
 from runner.workloads.scoring.report import write_outputs
 from runner.workloads.scoring.scorer import compile_decoder_layers, score_mcq, score_mcq_per_choice
 from runner.workloads.scoring.summary import ensemble, predictions, summarize, vote_probs
@@ -48,6 +48,7 @@ def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, d
     """(model in eval mode, tokenizer, what it is) for one eval target."""
     from runner.spec.models import ModelSpec
     from runner.workloads.model.loading import load_adapter, load_model_and_tokenizer
+    from runner.workloads.scoring.prompts import remember_prompt
 
     if member.model is not None:
         try:
@@ -72,6 +73,7 @@ def load_member(member: Any, device: str, log: Any = print) -> tuple[Any, Any, d
         base, tok = load_model_and_tokenizer(spec, device, log=log)
         model = load_adapter(base, adapter, trainable=False)
         model.eval()
+        remember_prompt(model, adapter)
         return model, tok, {
             "type": "run", "run": run.ref, "run_id": run.id, "checkpoint": ck.name, "checkpoint_selector":
             member.checkpoint, "checkpoint_path": os.path.realpath(ck), "base": spec.base,
@@ -139,12 +141,14 @@ def _device(name: str) -> str:
     return name
 
 
-def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: Any = print) -> dict[str, Any]:
+def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: Any = print,
+                 prompt: Any = None) -> dict[str, Any]:
     """Score one model: letters and/or per-choice, optional bias and debiasing; returns tensors and facts."""
     sc, cal = spec.scoring, spec.calibration
 
     def letters(items: Sequence[Any]) -> torch.Tensor:
-        return score_mcq(model, tok, items, sc.batch_size, max_batch_tokens=sc.max_batch_tokens, max_length=sc.max_length)
+        return score_mcq(model, tok, items, sc.batch_size, max_batch_tokens=sc.max_batch_tokens,
+                         max_length=sc.max_length, prompt=prompt)
 
     if sc.compile and next(model.parameters()).device.type == "cuda":
         compile_decoder_layers(model)
@@ -157,7 +161,7 @@ def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: A
         out["timing"]["questions_per_s"] = round(len(records) / max(dt, 1e-9), 1)
     if sc.method in ("per_choice", "both"):
         t0 = time.perf_counter()
-        pc = score_mcq_per_choice(model, tok, records, sc.batch_size, normalize=sc.normalize,
+        pc = score_mcq_per_choice(model, tok, records, sc.batch_size, normalize=sc.normalize, prompt=prompt,
                                   max_batch_tokens=sc.max_batch_tokens)
         dt = time.perf_counter() - t0
         out["timing"]["per_choice_s"] = round(dt, 3)
@@ -174,7 +178,7 @@ def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: A
             out["per_choice_pred"] = pc.argmax(-1)
             log(f"  per-choice cross-check: agreement {agree:.1%}, letters method {out['cross_check']['speedup_vs_per_choice']}x faster")
     score_fn = letters if sc.method != "per_choice" else (
-        lambda items: score_mcq_per_choice(model, tok, items, sc.batch_size, normalize=sc.normalize,
+        lambda items: score_mcq_per_choice(model, tok, items, sc.batch_size, normalize=sc.normalize, prompt=prompt,
                                            max_batch_tokens=sc.max_batch_tokens))
     gold = [LETTERS.index(r.answer) for r in records]
     if cal.letter_bias:
@@ -217,8 +221,13 @@ def evaluate(spec: Any, run_dir: Path, log: Any = print) -> dict[str, Any]:
         model, tok, info = load_member(member, device, log=log)
         enable_packed_scoring(model, device)
         label = member_label(member, info, i)
-        log(f"[{i + 1}/{len(members)}] {label}: loaded in {time.perf_counter() - t0:.1f} s")
-        scored = score_member(model, tok, records, spec, log=log)
+        style = resolve_prompt(member.prompt if member.prompt is not None else spec.prompt, model, warn=log)
+        info["prompt"] = style.to_dict()
+        log(f"[{i + 1}/{len(members)}] {label}: loaded in {time.perf_counter() - t0:.1f} s; prompt style {style}")
+        try:
+            scored = score_member(model, tok, records, spec, log=log, prompt=style)
+        except ValueError as e:  # a prompt style this tokenizer cannot take (no chat template, split letters)
+            raise EvalError(f"{label}: {e}") from None
         res = _member_result(label, info, scored, records, spec.calibration.bins)
         log(f"  accuracy {res['accuracy']:.2%} (n={res['n']}), ECE {res['ece']:.3f}, Brier {res['brier']:.3f}, "
             f"{scored['timing'].get('questions_per_s', 0)} questions/s")

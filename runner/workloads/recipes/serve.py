@@ -54,7 +54,7 @@ def build_agents(spec: Any, log: Any = print) -> tuple[AnswerAgent, QuestionAgen
         for m, t in members:
             enable_cuda_graphs(m, t.pad_token_id, log)
     agent = AnswerAgent(members, permutations=a.permutations, deadline_s=a.deadline_s, batch_size=a.batch_size,
-                        reasoning=a.reasoning)
+                        reasoning=a.reasoning, prompt=spec.prompt)
     qa = question_agent_from_spec(spec.question, agent, (model, tok), token_counter(tok))
     return agent, qa, desc
 

@@ -87,7 +87,8 @@ def build_teams(
                 counter = token_counter(tok)
             answer_agents[team.name] = AnswerAgent([(m, tok)], permutations=a.permutations,
                                                    deadline_s=min(a.deadline_s, spec.rules.answer_time_s),
-                                                   batch_size=a.batch_size, reasoning=a.reasoning)
+                                                   batch_size=a.batch_size, reasoning=a.reasoning,
+                                                   prompt=a.prompt)
         else:
             models[f"{team.name}/answer"] = a.url
     count = counter or approx_token_count
@@ -117,7 +118,7 @@ def build_teams(
     if spec.rules.judge is not None:
         j = spec.rules.judge
         m, tok, models["judge"] = load(j)
-        judge = KeyJudge(AnswerAgent([(m, tok)], permutations=j.permutations), j.min_confidence)
+        judge = KeyJudge(AnswerAgent([(m, tok)], permutations=j.permutations, prompt=j.prompt), j.min_confidence)
     return teams, count, models, judge
 
 

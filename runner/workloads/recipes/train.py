@@ -36,6 +36,7 @@ from runner.workloads.data.records import MCQ, DataError
 from runner.workloads.data.sets import dedupe, load_sources, train_val_records
 from runner.workloads.model.loading import attach_lora, base_model_path, load_model_and_tokenizer
 from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
+from runner.workloads.scoring.prompts import PLAIN, PromptStyle, prompter
 from runner.workloads.scoring.scorer import score_mcq
 from runner.workloads.training.checkpointing import Checkpointing
 from runner.workloads.training.integrity import CheckpointError
@@ -109,13 +110,20 @@ class Trainer(Checkpointing):
 
         self.base_path = base_model_path(self.spec.model, runner_cache(), self.log)
         model, self.tok = load_model_and_tokenizer(self.spec.model, self.device, runner_cache(), self.log)
+        self.prompt = PromptStyle.of(self.spec.prompt)
+        try:
+            prompter(self.tok, self.prompt)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if self.prompt != PLAIN:
+            self.log(f"prompt style: {self.prompt}")
         L = t.max_seq_len
-        self.train_ex = [encode_mcq(self.tok, r, L) for r in self.train_recs]
+        self.train_ex = [encode_mcq(self.tok, r, L, prompt_style=self.prompt) for r in self.train_recs]
         scores = self.base_losses(model) if d.curriculum.order == "loss" else None
         if d.replay.self_replay:
             replay += self.base_correct(model)
         self.replay_recs = replay
-        self.replay_ex = [encode_mcq(self.tok, r, L) for r in replay]
+        self.replay_ex = [encode_mcq(self.tok, r, L, prompt_style=self.prompt) for r in replay]
 
         torch.manual_seed(t.seed)  # the adapter's init must not depend on whether the base came from a cache
         if self.device.type == "cuda" and varlen_available():
@@ -180,7 +188,7 @@ class Trainer(Checkpointing):
 
     def base_correct(self, model: Any) -> list[MCQ]:
         """Self-replay: training questions the base model already answers correctly."""
-        probs = score_mcq(model, self.tok, self.train_recs, batch_size=64)
+        probs = score_mcq(model, self.tok, self.train_recs, batch_size=64, prompt=self.prompt)
         keep = [r for i, r in enumerate(self.train_recs) if int(probs[i].argmax()) == r.answer_index]
         self.log(f"self-replay: the base answers {len(keep)}/{len(self.train_recs)} training questions correctly")
         return keep
@@ -197,7 +205,8 @@ class Trainer(Checkpointing):
 
     def validate(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        probs = score_mcq(self.acc.unwrap_model(self.model), self.tok, self.val_recs, batch_size=64)
+        probs = score_mcq(self.acc.unwrap_model(self.model), self.tok, self.val_recs, batch_size=64,
+                          prompt=self.prompt)
         gold = torch.tensor([r.answer_index for r in self.val_recs])
         pred = probs.argmax(-1)
         correct = (pred == gold).float()

@@ -15,8 +15,6 @@ spent on padding and the linear layers see one large matrix instead of many smal
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,47 +22,21 @@ import numpy as np
 import torch
 
 from runner.workloads.model.packed_attention import Packed, packed_forward, packed_ready
-from runner.workloads.scoring.prompts import LETTERS, answer_text, format_prompt, strip_choice_prefix
+from runner.workloads.scoring.prompts import LETTERS, prompter, strip_choice_prefix
 
 Padding = Literal["auto", "right", "left", "packed"]
 # Config attributes that mean the logits are not `lm_head(hidden)`: those models take the full forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-_LETTER_IDS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+def letter_token_ids(tokenizer: Any, n: int = len(LETTERS), prompt: Any = None) -> list[int]:
+    """Token ids of the answer letters after a prompt of `prompt`'s style (plain: ' A', ' B', ...)."""
+    return prompter(tokenizer, prompt).letter_ids[:n]
 
 
-def letter_token_ids(tokenizer: Any, n: int = len(LETTERS)) -> list[int]:
-    """Token id of ' A', ' B', ... (each must be a single token for single-pass scoring); cached per tokenizer."""
-    try:
-        cached = _LETTER_IDS.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        cached = None
-    if cached is None:
-        cached = _letter_token_ids(tokenizer)
-        with contextlib.suppress(TypeError):
-            _LETTER_IDS[tokenizer] = cached
-    return cached[:n]
-
-
-def _letter_token_ids(tokenizer: Any) -> list[int]:
-    ids = []
-    for letter in LETTERS:
-        toks = tokenizer.encode(answer_text(letter), add_special_tokens=False)
-        if len(toks) != 1:
-            raise ValueError(f"tokenizer splits {answer_text(letter)!r} into {len(toks)} tokens; need exactly one")
-        ids.append(toks[0])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"tokenizer maps different answer letters to the same token: {ids}")
-    return ids
-
-
-def encode_prompts(tokenizer: Any, items: Sequence[Any]) -> list[list[int]]:
-    """Token ids of each item's prompt (the same call training uses: special tokens included)."""
-    texts = [format_prompt(it.question, it.choices) for it in items]
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+def encode_prompts(tokenizer: Any, items: Sequence[Any], prompt: Any = None) -> list[list[int]]:
+    """Token ids of each item's prompt in `prompt`'s style (the same ids training puts before the answer)."""
+    return prompter(tokenizer, prompt).encode(items)
 
 
 def _device(model: Any) -> torch.device:
@@ -226,6 +198,7 @@ def letter_logits(
     padding: Padding = "auto",
     max_batch_tokens: int | None = None,
     max_length: int | None = None,
+    prompt: Any = None,
 ) -> torch.Tensor:
     """Raw logits of ' A'..' J' at the answer position, shape [len(items), 10], on the model's device.
 
@@ -244,8 +217,9 @@ def letter_logits(
     for i, n in enumerate(n_choices):
         if not 2 <= n <= n_letters:
             raise ValueError(f"item {i} has {n} choices; scoring supports 2-{n_letters}")
-    letters = torch.tensor(letter_token_ids(tokenizer), device=device)
-    prompts = encode_prompts(tokenizer, items)
+    fmt = prompter(tokenizer, prompt)
+    letters = torch.tensor(fmt.letter_ids, device=device)
+    prompts = fmt.encode(items)
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]
     parts = fast_path_parts(model) if padding in ("auto", "right", "packed") else None
@@ -299,6 +273,7 @@ def score_mcq(
     padding: Padding = "auto",
     max_batch_tokens: int | None = None,
     max_length: int | None = None,
+    prompt: Any = None,
 ) -> torch.Tensor:
     """Letter probabilities, shape [len(items), 10] on the CPU: softmax over each item's own letters, zero elsewhere.
 
@@ -306,7 +281,8 @@ def score_mcq(
     length; results come back in the input order with a single device-to-host copy.
     """
     logits = letter_logits(
-        model, tokenizer, items, batch_size, padding=padding, max_batch_tokens=max_batch_tokens, max_length=max_length
+        model, tokenizer, items, batch_size, padding=padding, max_batch_tokens=max_batch_tokens,
+        max_length=max_length, prompt=prompt,
     )
     return logits.softmax(-1).cpu()
 
@@ -320,6 +296,7 @@ def score_mcq_per_choice(
     *,
     normalize: Literal["none", "chars"] = "none",
     max_batch_tokens: int | None = None,
+    prompt: Any = None,
 ) -> torch.Tensor:
     """lm-eval style cross-check: choice probabilities [len(items), 10] from the log-likelihood of each choice's text.
 
@@ -332,19 +309,19 @@ def score_mcq_per_choice(
     scores = torch.full((len(items), n_letters), float("-inf"), device=device)
     if not items:
         return scores.cpu()
-    contexts = encode_prompts(tokenizer, items)
+    fmt = prompter(tokenizer, prompt)
+    contexts = fmt.encode(items)
     seqs: list[list[int]] = []
     starts: list[int] = []  # index of the first continuation token
     owners: list[tuple[int, int]] = []
     denom: list[float] = []
     for i, it in enumerate(items):
         for j, choice in enumerate(it.choices):
-            text = " " + strip_choice_prefix(choice)
-            cont = tokenizer.encode(text, add_special_tokens=False) or [_pad_id(tokenizer)]
+            cont = fmt.choice_ids(choice) or [_pad_id(tokenizer)]
             seqs.append(contexts[i] + cont)
             starts.append(len(contexts[i]))
             owners.append((i, j))
-            denom.append(float(len(text)) if normalize == "chars" else 1.0)
+            denom.append(float(len(strip_choice_prefix(choice)) + 1) if normalize == "chars" else 1.0)
     parts = fast_path_parts(model)
     pad = _pad_id(tokenizer)
     flat = torch.full((len(seqs),), float("-inf"), device=device)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from runner.workloads.agents.answer import AnswerAgent, AnswerItem
 from runner.workloads.agents.question import QuestionAgent
-from runner.workloads.scoring.prompts import format_prompt, strip_choice_prefix
+from runner.workloads.scoring.prompts import Prompter, strip_choice_prefix
 from runner.workloads.serving.batcher import DEADLINE_GRACE_S, MicroBatcher, QueueFull
 from runner.workloads.serving.bodies import AnswerBody, JSONBodyRoute, QuestionRequest, install_error_replies
 from runner.workloads.serving.metrics import Metrics, RequestMetrics
@@ -103,25 +103,24 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def _prompt_bytes(item: AnswerItem) -> int:
-    return len(format_prompt(item.question, item.choices).encode())
+def _prompt_bytes(fmt: Prompter, item: AnswerItem) -> int:
+    return len(fmt.item_text(item).encode())
 
 
-def fits_by_bytes(item: AnswerItem, limit: int) -> bool:
+def fits_by_bytes(fmt: Prompter, item: AnswerItem, limit: int) -> bool:
     """True when the prompt's byte count alone proves it is at most `limit` tokens."""
-    return _prompt_bytes(item) + SPECIAL_TOKENS_SLACK <= limit
+    return _prompt_bytes(fmt, item) + SPECIAL_TOKENS_SLACK <= limit
 
 
-def prompt_length_problem(tokenizer: Any, item: AnswerItem, limit: int) -> str | None:
-    """Why an item's prompt is over `limit` tokens, or None. Tokenizes only when the byte count cannot decide."""
-    from runner.workloads.scoring.scorer import encode_prompts
-
-    size = _prompt_bytes(item)
+def prompt_length_problem(fmt: Prompter, item: AnswerItem, limit: int) -> str | None:
+    """Why an item's prompt (in the agent's prompt style) is over `limit` tokens, or None. Tokenizes only when
+    the byte count cannot decide."""
+    size = _prompt_bytes(fmt, item)
     if size + SPECIAL_TOKENS_SLACK <= limit:
         return None
     if size > limit * MAX_BYTES_PER_TOKEN:
         return f"question and choices are {size} bytes, far over this service's {limit}-token limit"
-    n = len(encode_prompts(tokenizer, [item])[0])
+    n = len(fmt.encode([item])[0])
     if n > limit:
         return f"question and choices are {n} tokens; this service takes at most {limit}"
     return None
@@ -193,9 +192,9 @@ def create_app(
         items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in reqs]
         # A prompt far past what the model was served for would hold the worker (and everyone queued behind it)
         # for as long as its forward pass takes: refuse it up front. Short prompts are decided by their bytes.
-        if not all(fits_by_bytes(it, max_prompt_tokens) for it in items):
+        if not all(fits_by_bytes(answer_agent.prompter, it, max_prompt_tokens) for it in items):
             problems = await run_in_threadpool(
-                lambda: [prompt_length_problem(answer_agent.tokenizer, it, max_prompt_tokens) for it in items]
+                lambda: [prompt_length_problem(answer_agent.prompter, it, max_prompt_tokens) for it in items]
             )
             for i, why in enumerate(problems):
                 if why is not None:

@@ -19,6 +19,7 @@ import torch
 
 from runner.files import fsync_dir, fsync_tree
 from runner.stats import finite
+from runner.workloads.scoring.prompts import PromptStyle, write_prompt_file
 from runner.workloads.training.checkpoints import (
     STATE,
     complete_checkpoints,
@@ -88,6 +89,7 @@ class Checkpointing:
         if not self.main:
             return
         model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+        write_prompt_file(tmp / "adapter", PromptStyle.of(self.spec.prompt))  # read back by eval, serve, promote
         self.tok.save_pretrained(tmp / "tokenizer")
         torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
         state = {

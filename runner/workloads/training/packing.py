@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.workloads.model.packed_attention import Packed, packed_forward, packed_ready, varlen_available
-from runner.workloads.scoring.prompts import answer_text, format_prompt
+from runner.workloads.scoring.prompts import prompter
 
 
 @dataclass
@@ -32,10 +32,12 @@ class Example:
         return len(self.ids)
 
 
-def encode_mcq(tokenizer: Any, rec: Any, max_len: int, answer: str | None = None) -> Example:
-    """Prompt tokens exactly as scoring sees them, then the answer letter; long prompts lose their start."""
-    prompt = tokenizer.encode(format_prompt(rec.question, rec.choices))
-    completion = tokenizer.encode(answer_text(answer or rec.answer), add_special_tokens=False)
+def encode_mcq(tokenizer: Any, rec: Any, max_len: int, answer: str | None = None, prompt_style: Any = None) -> Example:
+    """Prompt tokens exactly as scoring sees them (in `prompt_style`, default plain), then the answer letter's
+    token; long prompts lose their start."""
+    fmt = prompter(tokenizer, prompt_style)
+    prompt = fmt.encode_text(fmt.item_text(rec))
+    completion = fmt.answer_ids(answer or rec.answer)
     keep = max(1, max_len - len(completion))
     if len(prompt) > keep:
         prompt = prompt[-keep:]
