@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
-            e.show()
+            e.show()  # type: ignore[attr-defined]
             sys.exit(EXIT_INVALID)
         from runner.runs import RunError
 

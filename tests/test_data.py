@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from runner.spec.models import DataSource, DataSpec
 from runner.workloads.data import importers, records, sets
 from runner.workloads.data.builtin import NEW_TOPICS, TOPIC_NAMES, categories
 from runner.workloads.recipes import prepare
+from tests.conftest import ROOT, run_cli
 
 MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
 if not MMLU.exists():
@@ -149,3 +153,30 @@ def test_val_sources_remove_leaks_from_train(tmp_path: Path) -> None:
     train, val, info = sets.train_val_records(spec)
     assert not {sets.dedupe_key(r) for r in train} & {sets.dedupe_key(r) for r in val}
     assert info["train_removed_as_in_val"] >= 5
+
+
+def test_records_write_every_field_but_origin_in_field_order() -> None:
+    r = records.make_mcq(id="1", question="Q?", choices=["a", "b"], answer="B", topic="t", source="s",
+                         explanation="why", origin="f:1")
+    names = [f.name for f in dataclasses.fields(records.MCQ) if f.name != "origin"]
+    assert list(r.to_dict()) == names and r.to_dict()["choices"] is not r.choices
+    assert records.MCQ.from_dict(r.to_dict(), default_id="x") == r
+
+
+@pytest.mark.slow
+def test_prepare_of_50000_records_takes_under_a_minute(tmp_path: Path, runner_home: Path) -> None:
+    spec = importlib.util.spec_from_file_location("prepare_bench", ROOT / "bench" / "prepare_bench.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    data = tmp_path / "records.jsonl"
+    bench.write_records(data, 50_000)
+    job = tmp_path / "prep.yaml"
+    job.write_text(bench.JOB.format(path=json.dumps(str(data))))
+    t = time.perf_counter()
+    r = run_cli("run", str(job), timeout=300)
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads(next((runner_home / "runs").rglob("manifest.json")).read_text())
+    assert manifest["train"]["total"] + manifest["val"]["total"] + manifest["duplicates_removed"] == 50_000
+    assert 500 <= manifest["duplicates_removed"] <= 1500  # the generator's ~2% duplicates are all found
+    assert elapsed < 60, f"prepare of 50,000 records took {elapsed:.1f}s"

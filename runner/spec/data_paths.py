@@ -3,7 +3,7 @@
 Paths are relative to the directory `runner` runs in (the workload's working directory). Paths that exist only
 where the job runs (a cluster's shared storage, inside an image) are marked `remote: true` and not looked for;
 neither are `builtin:` sources, paths with `$VARIABLES` (expanded where the job runs) or any path of a Kubernetes
-job (its data lives on the cluster's volume).
+job (its data lives on the cluster's volume). Hub data sets (`hf:`) have no path to look for.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def missing_data_paths(spec: BaseModel) -> list[tuple[tuple[str | int, ...], str
         return []
     out = []
     for loc, src in _sources(spec, ()):
-        if src.remote or src.path.startswith("builtin:") or "$" in src.path:
+        if src.path is None or src.remote or src.path.startswith("builtin:") or "$" in src.path:  # None: `hf:`
             continue
         try:
             p = Path(src.path).expanduser()

@@ -7,7 +7,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from runner.spec.models import PROMPT_DESCRIPTION, DataSource, JobBase, ModelSpec, PromptSpec, Section, source_list
+from runner.spec.models import (
+    PROMPT_DESCRIPTION,
+    DataSource,
+    JobBase,
+    ModelSpec,
+    PromptSpec,
+    Section,
+    source_list,
+)
 
 CHECKPOINT_RE = re.compile(r"^(best|last|step-?[0-9]+|[0-9]+)$")
 

@@ -15,12 +15,16 @@ from runner.spec import models
 # Keys added to the schema after runs were first stored, with the default that leaves the hash as it was.
 # A data source's `remote` never changes what a job computes, whatever its value.
 LATER_DEFAULTS: dict[str, object] = {"on_nonfinite": "stop", "prompt": None}
+# The same for keys of a data source (a mapping with `path`), where the names would be too general elsewhere.
+SOURCE_LATER_DEFAULTS: dict[str, object] = {"hf": None, "config": None, "split": None, "revision": None,
+                                            "columns": None}
 
 
 def _without_later_defaults(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _without_later_defaults(v) for k, v in node.items()
-                if not (k == "remote" and "path" in node) and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+                if not (k == "remote" and "path" in node) and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
+                and not ("path" in node and k in SOURCE_LATER_DEFAULTS and v == SOURCE_LATER_DEFAULTS[k])}
     if isinstance(node, list):
         return [_without_later_defaults(v) for v in node]
     return node

@@ -1,5 +1,5 @@
-"""Importers: JSONL, MMLU CSV, ARC / OpenBookQA / CommonsenseQA JSONL and tournament JSON -> MCQ records,
-each problem reported as FILE:LINE: reason.
+"""Importers: JSONL, MMLU CSV, ARC / OpenBookQA / CommonsenseQA JSONL, tournament JSON, BIG-bench tasks
+(bigbench.py) and tables read with `datasets` (tables.py) -> MCQ records, each problem reported as FILE:LINE: reason.
 
 A bad record is a problem (skipped up to `data.max_bad_rows`); a file that cannot be read as data at all (not
 UTF-8, a line over MAX_LINE_BYTES in a CSV, not a regular file) raises DataError naming FILE:LINE. Files are read
@@ -12,133 +12,30 @@ import csv
 import json
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.spec.models import DataSource
+from runner.workloads.data.bigbench import import_bigbench, looks_like_task, subtask_files
 from runner.workloads.data.builtin import generate as generate_builtin
+from runner.workloads.data.reading import (  # MAX_JSON_DEPTH and MAX_LINE_BYTES: importers' documented limits
+    MAX_DIGITS,
+    MAX_JSON_DEPTH,  # noqa: F401
+    MAX_LINE_BYTES,  # noqa: F401
+    TOO_DEEP,
+    ImportResult,
+    json_layout,
+    json_value,
+    read_lines,
+    read_text,
+    reason,
+)
 from runner.workloads.data.records import MCQ, DataError, brief, make_mcq
-
-# Python refuses int("9" * N) past this many digits (a limit since 3.10.7; 4300 is its default).
-_MAX_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+from runner.workloads.data.tables import TABLE_SUFFIXES, import_hub, import_local, is_saved_dataset
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv")
-MAX_LINE_BYTES = 1 << 20
-MAX_JSON_BYTES = 256 << 20
-MAX_JSON_DEPTH = 32
-_BOM = b"\xef\xbb\xbf"
-_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
-              (b"\xfe\xff", "UTF-16"))
-
-
-@dataclass
-class ImportResult:
-    records: list[MCQ] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # "FILE:LINE: reason"
-    files: list[Path] = field(default_factory=list)
-
-
-# --- reading text safely ---------------------------------------------------------------------------------
-
-
-def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
-    """UTF-8 text of `data` (which starts on `first_line`); DataError naming the line of the first bad byte."""
-    if first_line == 1:
-        for bom, name in _WIDE_BOMS:
-            if data.startswith(bom):
-                raise DataError(f"{path}:1: the file is {name} text; save it as UTF-8")
-        data = data.removeprefix(_BOM)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
-        ) from None
-
-
-def _open(path: Path) -> Any:
-    try:
-        return path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) per line, the text None for a line over MAX_LINE_BYTES (read past, never held)."""
-    with _open(path) as f:
-        lineno = 0
-        while raw := f.readline(MAX_LINE_BYTES + 1):
-            lineno += 1
-            if len(raw) > MAX_LINE_BYTES:
-                while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(MAX_LINE_BYTES)
-                yield lineno, None
-                continue
-            yield lineno, _decode(path, raw, lineno)
-
-
-def _read_text(path: Path) -> str:
-    with _open(path) as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    if len(data) > MAX_JSON_BYTES:
-        raise DataError(f"{path}:1: larger than {MAX_JSON_BYTES >> 20} MiB; split it or convert it to JSON Lines")
-    return _decode(path, data)
-
-
-_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels; a question needs 3 at most"
-_JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[\[\]{},\n]')
-
-
-def _json_layout(text: str) -> tuple[list[int], int | None]:
-    """Lines where the items of the question list start (a top-level array, or the first array in a top-level
-    object) and the line where nesting first passes MAX_JSON_DEPTH (None if it never does)."""
-    starts: list[int] = []
-    top = re.match(r"\s*(.?)", text).group(1)  # type: ignore[union-attr]
-    items_at = 1 if top == "[" else 2 if top == "{" else 0  # the depth inside the question list
-    depth, line, in_items, done, pending = 0, 1, False, False, False
-    for m in _JSON_TOKEN.finditer(text):
-        tok = m.group()
-        if tok == "\n":
-            line += 1
-            continue
-        if pending and tok not in ",]}":
-            starts[-1], pending = line, False
-        if tok in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return starts, line
-            if tok == "[" and depth == items_at and not done:
-                in_items, pending = True, True
-                starts.append(line)
-        elif tok in "]}":
-            if in_items and depth == items_at:
-                in_items, done, pending = False, True, False  # only the first list holds the questions
-            depth -= 1
-        elif tok == "," and in_items and depth == items_at:
-            starts.append(line)
-            pending = True
-    return starts, None
-
-
-def _nesting_problem(text: str) -> str | None:
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return None
-    _, deep = _json_layout(text)
-    return None if deep is None else _TOO_DEEP
-
-
-def _json_value(text: str) -> Any:
-    """json.loads, with every failure (syntax, nesting, numbers too long to convert) a ValueError."""
-    problem = _nesting_problem(text)
-    if problem:
-        raise ValueError(problem)
-    return json.loads(text)
 
 
 # --- importers: each reads one file and appends to an ImportResult ------------------------------------
@@ -146,7 +43,7 @@ def _json_value(text: str) -> Any:
 
 def _each_json_line(path: Path, out: ImportResult, build: Callable[[Any, int], MCQ]) -> None:
     seen = False
-    for lineno, line in _lines(path):
+    for lineno, line in read_lines(path):
         seen = seen or line is None or bool(line.strip())
         if line is None:
             out.problems.append(f"{path}:{lineno}: line longer than 1 MiB; each record is one JSON object on a line")
@@ -154,9 +51,9 @@ def _each_json_line(path: Path, out: ImportResult, build: Callable[[Any, int], M
         if not line.strip():
             continue
         try:
-            out.records.append(build(_json_value(line), lineno))
+            out.records.append(build(json_value(line), lineno))
         except (ValueError, KeyError, AttributeError, TypeError) as e:
-            out.problems.append(f"{path}:{lineno}: {_reason(e)}")
+            out.problems.append(f"{path}:{lineno}: {reason(e)}")
     if not seen:
         out.problems.append(f"{path}:1: the file is empty; expected one JSON record per line")
 
@@ -175,7 +72,7 @@ def _mmlu_topic(path: Path) -> str:
 
 
 def _csv_lines(path: Path) -> Iterator[str]:
-    for lineno, line in _lines(path):
+    for lineno, line in read_lines(path):
         if line is None:
             raise DataError(
                 f"{path}:{lineno}: line longer than 1 MiB; is this an MMLU CSV file (question,A,B,C,D,answer)?"
@@ -295,13 +192,13 @@ def _import_arc_like(path: Path, out: ImportResult, topic: str | None) -> None:
 
 
 def _import_tournament(path: Path, out: ImportResult, topic: str | None) -> None:
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         out.problems.append(f"{path}:1: the file is empty; expected a JSON list of questions")
         return
-    starts, deep = _json_layout(text)
+    starts, deep = json_layout(text)
     if deep is not None:
-        out.problems.append(f"{path}:{deep}: {_TOO_DEEP}")
+        out.problems.append(f"{path}:{deep}: {TOO_DEEP}")
         return
     try:
         data = json.loads(text)
@@ -309,9 +206,9 @@ def _import_tournament(path: Path, out: ImportResult, topic: str | None) -> None
         out.problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
         return
     except ValueError as e:  # an integer too long to convert
-        long_number = re.search(rf"\d{{{_MAX_DIGITS + 1},}}", text)
+        long_number = re.search(rf"\d{{{MAX_DIGITS + 1},}}", text)
         line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
-        out.problems.append(f"{path}:{line}: {_reason(e)}")
+        out.problems.append(f"{path}:{line}: {reason(e)}")
         return
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -330,7 +227,7 @@ def _import_tournament(path: Path, out: ImportResult, topic: str | None) -> None
                               origin=f"{path}:{lineno}")
             )
         except (ValueError, KeyError) as e:
-            out.problems.append(f"{path}:{lineno}: {_reason(e)}")
+            out.problems.append(f"{path}:{lineno}: {reason(e)}")
 
 
 IMPORTERS = {
@@ -340,32 +237,25 @@ IMPORTERS = {
     "openbookqa": _import_arc_like,
     "commonsenseqa": _import_arc_like,
     "tournament": _import_tournament,
+    "bigbench": import_bigbench,
 }
 
 
-def _reason(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON: {e.msg}"
-    if isinstance(e, KeyError):
-        return f"missing field {e}"
-    if "integer string conversion" in str(e):
-        return f"invalid JSON: a number of more than {_MAX_DIGITS} digits"
-    return str(e)
-
-
 def detect_format(path: Path) -> str:
-    """Pick an importer from the extension and, for JSON Lines, the first record's keys."""
+    """Pick an importer from the extension and, for JSON Lines and JSON, the content."""
     suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES or is_saved_dataset(path):
+        return "hf"
     if suffix == ".csv":
         return "mmlu_csv"
     if suffix == ".json":
-        return "tournament"
+        return "bigbench" if looks_like_task(path) else "tournament"
     if suffix == ".jsonl":
-        for _, line in _lines(path):
+        for _, line in read_lines(path):
             if line is None or not line.strip():
                 continue
             try:
-                d = _json_value(line)
+                d = json_value(line)
             except ValueError:
                 return "jsonl"  # the importer reports the line
             if isinstance(d, dict) and (
@@ -377,52 +267,71 @@ def detect_format(path: Path) -> str:
     raise ValueError(f"{path}: cannot tell the format from the extension {suffix!r}; set `format:`")
 
 
-def _files_of(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS and not p.name.startswith(".")
-        )
-    return [path]
+def _files_of(path: Path, tables: bool) -> list[Path]:
+    """The data files of a source path; with `tables`, also parquet and arrow files, and each save_to_disk folder
+    as one entry (the files inside it are not data files of their own)."""
+    if not path.is_dir() or (tables and is_saved_dataset(path)):
+        return [path]
+    extensions = DATA_EXTENSIONS + (TABLE_SUFFIXES if tables else ())
+    entries = list(path.rglob("*"))
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")]
+    if not tables:
+        return sorted(files)
+    saved = {p.parent for p in entries if p.name in ("dataset_dict.json", "state.json") and is_saved_dataset(p.parent)}
+    roots = {d for d in saved if not saved.intersection(d.parents)}
+    return sorted([f for f in files if not roots.intersection(f.parents)] + list(roots))
+
+
+def _builtin(src: DataSource, out: ImportResult) -> ImportResult:
+    path = str(src.path)
+    name = path.removeprefix("builtin:")
+    try:
+        dicts = generate_builtin(name)
+    except ValueError as e:
+        raise DataError(f"data source {path!r}: {e}") from None
+    for i, d in enumerate(dicts):
+        try:
+            out.records.append(MCQ.from_dict(d, default_id=f"{name}/{i}", topic=src.topic, origin=f"{path}:{i + 1}"))
+        except ValueError as e:
+            out.problems.append(f"{path}:{i + 1}: {e}")
+    return out
 
 
 def import_source(src: DataSource, base_dir: Path | None = None) -> ImportResult:
-    """Read one source (file, directory or builtin) without filtering; bad records collected as problems, files
-    that cannot be read at all raised as DataError."""
+    """Read one source (file, directory, builtin or Hub data set) without filtering; bad records collected as
+    problems, files that cannot be read at all raised as DataError."""
     out = ImportResult()
-    if src.path.startswith("builtin:"):
-        name = src.path.removeprefix("builtin:")
-        try:
-            dicts = generate_builtin(name)
-        except ValueError as e:
-            raise DataError(f"data source {src.path!r}: {e}") from None
-        for i, d in enumerate(dicts):
-            try:
-                out.records.append(
-                    MCQ.from_dict(d, default_id=f"{name}/{i}", topic=src.topic, origin=f"{src.path}:{i + 1}")
-                )
-            except ValueError as e:
-                out.problems.append(f"{src.path}:{i + 1}: {e}")
+    if src.hf is not None:
+        import_hub(src, out)
         return out
-    path = Path(os.path.expandvars(src.path)).expanduser()
+    if str(src.path).startswith("builtin:"):
+        return _builtin(src, out)
+    path = Path(os.path.expandvars(str(src.path))).expanduser()
     if not path.is_absolute() and base_dir is not None and not path.exists():
         path = base_dir / path
     if not path.exists():
         raise DataError(f"data source {src.path!r}: no such file or directory (looked at {path.resolve()})")
     if not path.is_dir() and not path.is_file():
         raise DataError(f"data source {src.path!r}: {path} is not a regular file or a directory")
-    files = _files_of(path)
+    tables = src.format in ("auto", "hf")
+    files = _files_of(path, tables)
+    if path.is_file() and (src.format == "bigbench" or (src.format == "auto" and looks_like_task(path))):
+        files += subtask_files(path)  # a task made of subtasks: their task.json files hold the examples
     if not files:
-        raise DataError(f"data source {src.path!r}: the directory holds no {', '.join(DATA_EXTENSIONS)} files")
+        exts = DATA_EXTENSIONS + (TABLE_SUFFIXES if tables else ())
+        raise DataError(f"data source {src.path!r}: the directory holds no {', '.join(exts)} files")
     for f in files:
-        fmt = src.format
+        fmt: str = src.format
         if fmt == "auto":
             try:
-                fmt = detect_format(f)
+                fmt = "hf" if src.columns is not None else detect_format(f)
             except ValueError as e:
                 out.problems.append(f"{f}:1: {e}")
                 continue
+        if fmt == "hf":
+            import_local(f, out, src)  # a save_to_disk folder adds the files inside it
+            out.files += [f] if f.is_file() else []
+            continue
         IMPORTERS[fmt](f, out, src.topic)
         out.files.append(f)
     return out

@@ -14,7 +14,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,12 @@ class MCQ:
         return LETTERS.index(self.answer)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["origin"]
-        if d["explanation"] is None:
-            del d["explanation"]
+        # Field by field, not dataclasses.asdict: its deep copy was most of the time `prepare` spent writing.
+        d: dict[str, Any] = {"id": self.id, "question": self.question, "choices": list(self.choices),
+                             "answer": self.answer, "topic": self.topic, "source": self.source,
+                             "difficulty": self.difficulty}
+        if self.explanation is not None:
+            d["explanation"] = self.explanation
         return d
 
     @classmethod

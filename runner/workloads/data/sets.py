@@ -21,12 +21,12 @@ def _select(records: list[MCQ], src: DataSource, seed: int) -> list[MCQ]:
         missing = [t for t in src.topics if t not in known]
         if missing:
             raise DataError(
-                f"data source {src.path!r}: topics {missing} not found; available: {', '.join(sorted(known))}"
+                f"data source {src.label!r}: topics {missing} not found; available: {', '.join(sorted(known))}"
             )
         wanted = set(src.topics)
         records = [r for r in records if r.topic in wanted]
     if src.limit is not None and len(records) > src.limit:
-        rng = random.Random(f"limit:{seed}:{src.path}")
+        rng = random.Random(f"limit:{seed}:{src.label}")
         idx = sorted(rng.sample(range(len(records)), src.limit))
         records = [records[i] for i in idx]
     return records
@@ -54,7 +54,7 @@ def load_sources_with_report(
         res = import_source(src, base_dir)
         if len(res.problems) > max_bad_rows:
             raise DataError(
-                f"data source {src.path!r}: {len(res.problems)} bad row(s) (data.max_bad_rows is {max_bad_rows}); "
+                f"data source {src.label!r}: {len(res.problems)} bad row(s) (data.max_bad_rows is {max_bad_rows}); "
                 "fix them or raise data.max_bad_rows to skip them",
                 res.problems,
             )
@@ -64,7 +64,8 @@ def load_sources_with_report(
         out.extend(selected)
         report.append(
             {
-                "path": src.path,
+                "path": src.label,
+                **res.details,
                 "files": [{"path": str(f), "sha256": sha256_file(f)} for f in res.files],
                 "imported": len(res.records),
                 "selected": len(selected),
@@ -114,18 +115,20 @@ def split_records(records: Sequence[MCQ], val_fraction: float, seed: int) -> tup
     Records are ranked by a seeded hash of their content, so the split does not depend on input order and a
     record stays on its side when others are added.
     """
-    by_topic: dict[str, list[MCQ]] = {}
-    for r in records:
-        by_topic.setdefault(r.topic, []).append(r)
+    keys = [dedupe_key(r) for r in records]  # computed once: normalising text is most of the cost
+    by_topic: dict[str, list[str]] = {}
+    for r, k in zip(records, keys, strict=True):
+        by_topic.setdefault(r.topic, []).append(k)
     val_keys: set[str] = set()
     for topic in sorted(by_topic):
-        group = sorted(by_topic[topic], key=lambda r: hashlib.sha256(f"{seed}\x00{dedupe_key(r)}".encode()).digest())
+        group = sorted(by_topic[topic], key=lambda k: hashlib.sha256(f"{seed}\x00{k}".encode()).digest())
         n_val = round(len(group) * val_fraction)
         if val_fraction > 0 and n_val == 0 and len(group) >= 2:
             n_val = 1
-        val_keys.update(dedupe_key(r) for r in group[:n_val])
-    train = [r for r in records if dedupe_key(r) not in val_keys]
-    val = [r for r in records if dedupe_key(r) in val_keys]
+        val_keys.update(group[:n_val])
+    in_val = [k in val_keys for k in keys]
+    train = [r for r, v in zip(records, in_val, strict=True) if not v]
+    val = [r for r, v in zip(records, in_val, strict=True) if v]
     return train, val
 
 
