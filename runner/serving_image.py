@@ -16,6 +16,7 @@ from runner import images
 from runner.registry.store import EXIT_ENV, EXIT_REFUSED, RegistryError
 from runner.spec import job_from_data
 from runner.spec.models import NAME_RE as JOB_NAME_RE
+from runner.spec.models import OFFLINE_BASE_MARKERS
 from runner.spec.serve import ServeJob
 from runner.templating import render_template
 
@@ -86,6 +87,11 @@ def build_serving_image(vdir: Path, manifest: dict[str, Any], name: str, version
         raise RegistryError(
             f"the base model {base.get('base')} is a directory on this machine and is not in the version, so a "
             "container could not load the adapter; add --merge (the image then carries full merged weights)")
+    if not base.get("bundled") and not manifest.get("merged") and base.get("base") in OFFLINE_BASE_MARKERS:
+        raise RegistryError(
+            f"{name}:v{version} was promoted without its {base.get('base')} base bundled (it lives only in this "
+            "machine's cache), so a container could not load the adapter; promote the run again (promotion bundles "
+            "an offline base) or add --merge", EXIT_REFUSED)
     client = docker_client()
     flavour = str(manifest.get("image_flavour") or "cpu")
     say = log or (lambda _text: None)

@@ -24,7 +24,7 @@ from runner.backends.docker import (
     find_orphans,
 )
 from runner.spec import load_job
-from tests.conftest import ROOT, run_cli
+from tests.conftest import MMLU, ROOT, run_cli
 
 JOB_72B = str(ROOT / "jobs" / "train-72b.yaml")
 
@@ -90,6 +90,53 @@ def test_cuda_flavour_requests_gpus_and_tiny_training_has_no_network() -> None:
     tiny = load_job(JOB_72B, ["model.base=tiny", "image=cpu", "resources.gpus=0"])
     spec = container_spec(plan_for(tiny, "docker"), "/r", "id")
     assert spec.network == "none" and not spec.devices and spec.ipc_mode is None
+
+
+def test_every_offline_base_runs_with_no_network_and_finds_the_mounted_cache(tmp_path: Path) -> None:
+    for base in ("tiny", "smollm2-135m"):
+        train = load_job(JOB_72B, [f"model.base={base}", "image=cpu", "resources.gpus=0"])
+        spec = container_spec(plan_for(train, "docker"), "/r", "id", cache_dir=str(tmp_path))
+        assert spec.network == "none", base
+        assert (str(tmp_path), "/workspace/cache", False) in spec.binds
+        assert spec.env["RUNNER_CACHE"] == "/workspace/cache"
+    ensemble = load_job(str(ROOT / "jobs" / "eval-ensemble.yaml"), ["backend=docker", "image=cpu"])
+    assert container_spec(plan_for(ensemble, "docker"), "/r", "id").network == "none"
+    hub_member = load_job(str(ROOT / "jobs" / "eval-ensemble.yaml"),
+                          ["backend=docker", "image=cpu", "models.2.model.base=Qwen/Qwen2.5-0.5B"])
+    assert container_spec(plan_for(hub_member, "docker"), "/r", "id").network is None  # it downloads
+
+
+def test_the_host_s_offline_base_table_matches_the_workload_s(tmp_path: Path) -> None:
+    from runner.spec.models import HOST_BUILT_BASES, OFFLINE_BASE_MARKERS
+    from runner.workloads.model import smollm2, tiny
+    from runner.workloads.model.loading import OFFLINE_BASES
+
+    assert set(OFFLINE_BASE_MARKERS) == set(OFFLINE_BASES) and set(HOST_BUILT_BASES) <= set(OFFLINE_BASES)
+    for base, is_built in (("tiny", tiny.is_built), ("smollm2-135m", smollm2.is_built)):
+        d = tmp_path / base
+        d.mkdir()
+        assert not is_built(d)
+        (d / OFFLINE_BASE_MARKERS[base]).write_text("{}")
+        assert is_built(d), f"{base}: a build is complete once it holds {OFFLINE_BASE_MARKERS[base]}"
+
+
+def test_a_base_the_container_cannot_build_must_be_built_on_the_host_first(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # the check comes before the engine
+    job = load_job(JOB_72B, ["model.base=smollm2-135m", "image=cpu", "resources.gpus=0"])
+    with pytest.raises(EnvironmentProblem, match=r"smollm2-135m is not built in the runner cache .*cache.* "
+                                                 r"python -m runner.workloads.model.smollm2"):
+        DockerBackend().check(plan_for(job, "docker"))
+    built = tmp_path / "cache" / "smollm2-135m" / "0123456789abcdef"
+    built.mkdir(parents=True)
+    (built / "build.json").write_text("{}")
+    with pytest.raises(EnvironmentProblem, match="no Docker engine answers"):  # past the base, on to the engine
+        DockerBackend().check(plan_for(job, "docker"))
+    tiny = load_job(JOB_72B, ["model.base=tiny", "image=cpu", "resources.gpus=0"])
+    monkeypatch.setenv("RUNNER_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(EnvironmentProblem, match="no Docker engine answers"):  # the container builds tiny itself
+        DockerBackend().check(plan_for(tiny, "docker"))
 
 
 def test_a_service_shares_the_host_network_so_its_address_means_the_same() -> None:
@@ -328,3 +375,26 @@ def test_a_service_in_a_container_answers_on_the_port_serve_json_names(engine: o
         p = run_cli("cancel", run_dir.name, "--grace", "30", timeout=120)
     assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
     assert _containers(engine, run_dir.name) == []
+
+
+@pytest.mark.docker
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(not MMLU.is_dir(), reason=f"{MMLU} not present")
+def test_a_smollm2_eval_runs_in_a_container_with_no_network(engine: object, cpu_image: str, runner_home: Path,
+                                                             tmp_path: Path) -> None:
+    import json
+
+    from runner.workloads.model.smollm2 import ensure_smollm2
+
+    ensure_smollm2(Path(os.environ["RUNNER_CACHE"]))  # the host builds it; the container finds it in the cache
+    f = tmp_path / "eval-smollm2-docker.yaml"
+    f.write_text("kind: eval\nname: eval-smollm2-docker\nbackend: docker\nimage: cpu\nmodel:\n  base: smollm2-135m\n"
+                 f"data:\n  - path: {MMLU / 'val'}\n    format: mmlu_csv\nlimit: 10\ndevice: cpu\nthreads: 2\n")
+    p = run_cli("run", str(f), timeout=600)
+    run_dir = next((runner_home / "runs" / "eval-smollm2-docker").iterdir())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "--network none" in (run_dir / "plan" / "docker-run.sh").read_text()
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["n"] == 10 and ev["target"]["base"] == "smollm2-135m" and 0.0 <= ev["accuracy"] <= 1.0
+    assert "building smollm2-135m" not in (run_dir / "run.log").read_text()  # loaded, not rebuilt

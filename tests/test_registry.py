@@ -601,6 +601,22 @@ def test_the_baked_serve_job_is_a_valid_serve_job(tmp_path: Path) -> None:
     assert "serve.yaml" not in files and "HEALTHCHECK" not in files["Dockerfile"]
 
 
+def test_a_serving_image_refuses_an_offline_base_left_out_of_the_version(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.serving_image import build_serving_image
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    for base in ("tiny", "smollm2-135m"):
+        manifest = {"source": {"run": "qa/20990101-000000-0001", "spec_hash": "abc"}, "merged": None,
+                    "base_model": {"base": base, "bundled": None}}
+        with pytest.raises(RegistryError, match=f"without its {base} base bundled.*promote the run again") as e:
+            build_serving_image(tmp_path, manifest, "qa", 1)
+        assert e.value.code == 1  # refused, as a gate refusal is
+        manifest["base_model"]["bundled"] = "base"  # with the base in the version, only the engine is missing
+        with pytest.raises(RegistryError, match="no Docker engine answers"):
+            build_serving_image(tmp_path, manifest, "qa", 1)
+
+
 # --- serving image on the real engine ------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from runner.backends.base import EXIT_CANCELLED, EnvironmentProblem, OutputPump
+from runner.spec.models import HOST_BUILT_BASES, OFFLINE_BASE_MARKERS
 
 if TYPE_CHECKING:
     from runner.plan import Plan
@@ -123,19 +124,30 @@ def container_name(job: str, run_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]", "-", f"qa-runner-{job}-{run_id}")[:120]
 
 
+def model_bases(spec: Any) -> list[str]:
+    """The `model.base` values a job names: its model's, or each eval ensemble member's."""
+    models = [getattr(spec, "model", None)] + [getattr(m, "model", None) for m in getattr(spec, "models", None) or []]
+    return [str(m.base) for m in models if m is not None]
+
+
+def base_is_local(base: str, workdir: str) -> bool:
+    """A named offline base (built into the mounted cache) or a directory: nothing to download."""
+    return base in OFFLINE_BASE_MARKERS or base.startswith(("/", ".", "~")) or (Path(workdir) / base).exists()
+
+
+def offline_base_built(base: str, cache: Path) -> bool:
+    return any((cache / base).glob(f"*/{OFFLINE_BASE_MARKERS[base]}"))
+
+
 def wants_network(plan: Plan) -> bool:
     """Training and data jobs run with no network unless they must fetch a model from the Hub or serve a port."""
-    spec: Any = plan.job.spec
     if plan.ports:
         return True
     if plan.kind not in ("train", "prepare", "eval"):
         return True
     if plan.env.get("HF_HUB_OFFLINE") == "1":
         return False
-    model = getattr(spec, "model", None)
-    base = str(getattr(model, "base", "tiny")) if model is not None else "tiny"
-    local = base == "tiny" or base.startswith(("/", ".", "~")) or (Path(plan.workdir) / base).exists()
-    return not local
+    return not all(base_is_local(b, plan.workdir) for b in model_bases(plan.job.spec))
 
 
 def network_mode(plan: Plan) -> str | None:
@@ -336,6 +348,14 @@ class DockerBackend:
     def check(self, plan: Plan) -> None:
         if plan.image is None:
             raise EnvironmentProblem(f"job {plan.name!r} has no image for the docker backend")
+        cache = host_cache_dir()
+        for base in model_bases(plan.job.spec):
+            if base in HOST_BUILT_BASES and not offline_base_built(base, cache):
+                raise EnvironmentProblem(
+                    f"model.base {base} is not built in the runner cache {cache}, and a container cannot build it "
+                    f"(it runs without network and the image has no converter); build it once on this machine "
+                    f"with {HOST_BUILT_BASES[base]}, then run the job again"
+                )
         flavour = plan.image.flavour
         if flavour == "rocm":
             if not Path("/dev/kfd").exists():

@@ -31,6 +31,7 @@ from runner.registry.store import (
 )
 from runner.runs import now_iso
 from runner.serving_image import build_serving_image, docker_client, tag_image
+from runner.spec.models import OFFLINE_BASE_MARKERS
 
 if TYPE_CHECKING:
     from runner.runs import Run
@@ -263,9 +264,10 @@ def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_
     model = job_data.get("model") or {}
     base = str(model.get("base", "")) if isinstance(model, dict) else ""
     bundled = None
-    if base == "tiny":
-        # The tiny base exists only in this machine's cache: bundle it so the version (and its image) stands alone.
-        _workload(["bundle-base", str(run.dir / "job.yaml"), str(tmp / "base")], "bundling the tiny base model")
+    if base in OFFLINE_BASE_MARKERS:
+        # A named offline base exists only in this machine's cache: bundle it so the version (and its image) stands
+        # alone, with no cache and no network.
+        _workload(["bundle-base", str(run.dir / "job.yaml"), str(tmp / "base")], f"bundling the {base} base model")
         bundled = "base"
     if merge:
         _workload(["merge", str(tmp), str(tmp / "merged")], "merging the adapter into the base weights")

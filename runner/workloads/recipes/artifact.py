@@ -3,7 +3,7 @@
     python -m runner.workloads.recipes.artifact answer REF_OR_DIR --question '{"question": ..., "choices": [...]}'
     python -m runner.workloads.recipes.artifact answer REF_OR_DIR --mmlu FILE.csv --index N
     python -m runner.workloads.recipes.artifact merge VERSION_DIR OUT_DIR        (used by `runner promote --merge`)
-    python -m runner.workloads.recipes.artifact bundle-base JOB_YAML OUT_DIR     (used by `runner promote` for `tiny`)"""
+    python -m runner.workloads.recipes.artifact bundle-base JOB_YAML OUT_DIR     (`runner promote`, offline bases)"""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="Write merged full weights of a version directory.")
     m.add_argument("vdir")
     m.add_argument("out")
-    b = sub.add_parser("bundle-base", help="Copy the tiny base a run trained on.")
+    b = sub.add_parser("bundle-base", help="Copy the offline base a run trained on (tiny, smollm2-135m).")
     b.add_argument("job_yaml")
     b.add_argument("out")
     args = ap.parse_args(argv)
