@@ -60,7 +60,7 @@ def test_scores_match_a_hand_computed_example() -> None:
     red = Scripted([q("t1", "A"), q("t2", "B"), q("t1", "C"), q("t2", "A", n_choices=3)],
                    answer_fn=lambda x: "D")  # red answers D to everything
     # blue writes 1 valid question (key D) and 3 invalid ones: blue is out (25% < 50% valid).
-    blue = Scripted([q("t1", "D"), q("t2", "E"), {k: v for k, v in q("t1", "A").items() if k != "explanation"},
+    blue = Scripted([q("t1", "D"), q("t2", "E"), {k: v for k, v in q("t1", "A").items() if k != "topic"},
                      q("t2", "B", explanation="word " * 101)],
                     answer_fn=lambda x: "A")  # blue answers A to everything
     rules = RulesConfig(questions_per_innings=4, topics=["t1", "t2"])

@@ -42,11 +42,23 @@ class AnswerAgentSpec(Section):
     )
     deadline_s: float = Field(6.0, gt=0, description="Time per answer; when it runs short, answer with the passes done.")
     batch_size: int = Field(32, ge=1, description="Questions per forward pass.")
-    reasoning: bool = Field(True, description="Add a one-sentence reasoning to each answer.")
+    reasoning: bool | Literal["model"] = Field(
+        True, description="Each answer's reasoning: `true`, a fixed sentence naming the choice and its probability; "
+        "`false`, none; `model`, the model explains the chosen answer in a sentence or two (greedy, within what is "
+        "left of the deadline and the format limits; the fixed sentence when there is no time or no usable text).",
+    )
     cuda_graphs: bool = Field(
         True, description="Serving on a GPU: record the scoring forward for small batches as CUDA graphs at start-up "
         "(a served question's forward is bound by kernel launches; a graph replays them in one)."
     )
+
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _reasoning(cls, v: object) -> object:
+        if isinstance(v, bool) or v == "model":
+            return v
+        raise ValueError(f"reasoning {v!r}: use true (a fixed sentence), false (no reasoning) or model (the model "
+                         "explains the chosen answer)")
 
 
 class QuestionAgentSpec(Section):

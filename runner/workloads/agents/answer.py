@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from runner.workloads.agents.reasoning import ReasoningWriter, check_reasoning_mode
 from runner.workloads.scoring.calibration import rotated, unrotated
 from runner.workloads.scoring.prompts import LETTERS, Prompter, prompter, resolve_prompt, strip_choice_prefix
 from runner.workloads.scoring.scorer import score_mcq
@@ -60,6 +61,10 @@ class AnswerAgent:
     `permutations` > 0 each member also scores cyclic shifts of the choices and the probabilities are mapped
     back and averaged, which cancels a model's preference for a letter. Passes run one after another until
     the deadline would be missed; the answer then uses every pass completed so far.
+
+    `reasoning`: True, a fixed sentence naming the choice and its probability; False, none; "model", the first
+    model explains the chosen answer (`reasoning.py`) in what is left of the deadline, the fixed sentence
+    standing in where it cannot. `reasoning_tokens` bounds what the model writes.
     """
 
     def __init__(
@@ -69,8 +74,9 @@ class AnswerAgent:
         permutations: int = 0,
         deadline_s: float = 6.0,
         batch_size: int = 32,
-        reasoning: bool = True,
+        reasoning: bool | str = True,
         prompt: Any = None,
+        reasoning_tokens: int = 64,
     ) -> None:
         if not members:
             raise ValueError("an answer agent needs at least one model")
@@ -80,7 +86,9 @@ class AnswerAgent:
         self.permutations = permutations
         self.deadline_s = deadline_s
         self.batch_size = batch_size
-        self.reasoning = reasoning
+        self.reasoning = check_reasoning_mode(reasoning)
+        self.writer = (ReasoningWriter(*self.members[0], max_new_tokens=reasoning_tokens, batch_size=batch_size)
+                       if self.reasoning == "model" else None)
         self._pass_seconds: float | None = None
 
     @property
@@ -145,15 +153,18 @@ class AnswerAgent:
             p = row[: len(it.choices)]
             order = rank_choices(p)
             best = order[0]
-            ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(p[best], 4)}
+            ans: dict[str, Any] = {"answer": LETTERS[best], "confidence": round(p[best], 4), "reasoning": ""}
             if self.reasoning:
                 text = f"{LETTERS[best]}) {_short(it.choices[best])} is the most likely choice ({p[best]:.0%})"
                 if len(order) > 1:
                     text += f"; next is {LETTERS[order[1]]} ({p[order[1]]:.0%})"
                 ans["reasoning"] = text + "."
-            else:
-                ans["reasoning"] = ""
             out.append(ans)
+        if self.writer is not None:
+            written = self.writer.write(items, [a["answer"] for a in out], deadline)
+            for a, explained in zip(out, written, strict=True):
+                if explained is not None:
+                    a["reasoning"] = explained
         return out
 
     def answer(self, question: str, choices: Sequence[str], deadline_s: float | None = None) -> dict[str, Any]:

@@ -11,47 +11,53 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from runner.workloads.agents import procedural
-from runner.workloads.agents.answer import AnswerAgent, AnswerItem
+from runner.workloads.agents.answer import AnswerAgent, AnswerItem, parse_answer_request
 from runner.workloads.agents.format_filter import (
     FormatLimits,
     TokenCounter,
     approx_token_count,
     check_question,
 )
+from runner.workloads.agents.writer import parse_mcq, write_text
 from runner.workloads.scoring.prompts import LETTERS
 
 SOURCES = ("bank", "procedural", "model")
 
 
+MODEL_STAGES = ("generated", "parsed", "format_ok", "key_agrees")
+
+
 @dataclass
 class QuestionStats:
-    """What the question agent made and threw away, per source."""
+    """What the question agent made and threw away, per source, and how far the writer model's texts got:
+    `generated`, `parsed` into an MCQ, `format_ok` (passed the format filter too), `key_agrees` (and the answer
+    agent picks the stated key: only these leave the agent)."""
 
     made: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     reasons: dict[str, int] = field(default_factory=dict)
+    model: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODEL_STAGES, 0))
 
     def reject(self, source: str, reason: str) -> None:
         self.rejected[source] += 1
         key = re.sub(r"\d+", "N", reason)[:80]
         self.reasons[key] = self.reasons.get(key, 0) + 1
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"made": dict(self.made), "rejected": dict(self.rejected), "reasons": dict(self.reasons),
+                "model": dict(self.model)}
 
-_Q_BLOCK = re.compile(
-    r"Question:\s*(?P<q>.+?)\s*\n\s*A\)\s*(?P<a>.+?)\s*\n\s*B\)\s*(?P<b>.+?)\s*\n\s*C\)\s*(?P<c>.+?)\s*\n"
-    r"\s*D\)\s*(?P<d>.+?)\s*\n\s*Answer:\s*(?P<ans>[A-D])\b(?:\s*\n\s*Explanation:\s*(?P<e>[^\n]+))?",
-    re.S,
-)
-
-
-_WRITER_EXAMPLE = (
-    "Topic: {topic}\nQuestion: Five people J, K, L, M and N sit in a row facing north. K sits at the left end. "
-    "M sits immediately to the right of K. Who sits second from the left end?\nA) J\nB) M\nC) N\nD) L\n"
-    "Answer: B\nExplanation: K is first from the left and M is right next to K.\n\n"
-)
+    def prometheus_lines(self) -> list[str]:
+        """The counters in Prometheus text format (the service appends them to /metrics)."""
+        out = ["# HELP qa_questions_total Questions the question agent wrote (made) or threw away, by source.",
+               "# TYPE qa_questions_total counter"]
+        for outcome, counts in (("made", self.made), ("rejected", self.rejected)):
+            out += [f'qa_questions_total{{source="{s}",outcome="{outcome}"}} {n}' for s, n in counts.items()]
+        out += ["# HELP qa_model_questions_total Writer-model texts by how far they got (generated, parsed, "
+                "format_ok, key_agrees).", "# TYPE qa_model_questions_total counter"]
+        out += [f'qa_model_questions_total{{stage="{k}"}} {n}' for k, n in self.model.items()]
+        return out
 
 
 class QuestionAgent:
@@ -160,12 +166,14 @@ class QuestionAgent:
                 if reasons:
                     self.stats.reject(src, reasons[0])
                     continue
-                if src == "model" and not self._agent_agrees(q):
-                    self.stats.reject(src, "the answer agent disagrees with the key")
-                    continue
-                self.stats.made[src] += 1
                 if src == "model":
+                    self.stats.model["format_ok"] += 1
+                    if not self._agent_agrees(q):
+                        self.stats.reject(src, "the answer agent disagrees with the key")
+                        continue
+                    self.stats.model["key_agrees"] += 1
                     self._model_strikes = 0
+                self.stats.made[src] += 1
                 return q
             if src == "model":
                 self._model_strikes += 1
@@ -220,32 +228,25 @@ class QuestionAgent:
             "explanation": expl,
         }
 
-    @torch.no_grad()
     def _from_model(self, topic: str, deadline: float) -> dict[str, Any] | None:
         assert self.writer is not None
         model, tok = self.writer
-        prompt = _WRITER_EXAMPLE.format(topic="seating arrangements") + f"Topic: {topic.replace('_', ' ')}\nQuestion:"
-        ids = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
-        out = model.generate(
-            **ids, max_new_tokens=140, do_sample=True, temperature=0.8, top_p=0.95,
-            max_time=max(0.2, deadline - time.monotonic() - 1.5),  # leave time for the key check and a fallback
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )
-        text = "Question:" + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        m = _Q_BLOCK.search(text)
-        if not m:
+        # leave time for the key check and a fallback source
+        text = write_text(model, tok, topic, self.rng, deadline - 1.5)
+        self.stats.model["generated"] += 1
+        q = parse_mcq(text, topic, self.limits.explanation_words)
+        if q is None:
             self.stats.reject("model", "the model's text is not a question in the format")
             return None
-        return {
-            "topic": topic,
-            "question": m.group("q").strip(),
-            "choices": [f"{L}) {m.group(L.lower()).strip()}" for L in "ABCD"],
-            "answer": m.group("ans"),
-            "explanation": (m.group("e") or "").strip() or f"The answer is {m.group('ans')}.",
-        }
+        self.stats.model["parsed"] += 1
+        return q
 
     def _agent_agrees(self, q: dict[str, Any]) -> bool:
+        """The own answer agent's letter (scoring only: no reasoning is written) is the stated key."""
         if self.answer_agent is None:
             return False  # an unchecked model-written key is exactly what the judge invalidates
-        a = self.answer_agent.answer(q["question"], q["choices"])
-        return bool(a["answer"] == q["answer"])
+        item = parse_answer_request({"question": q["question"], "choices": q["choices"]})
+        probs, passes = self.answer_agent.probabilities([item], time.monotonic() + self.answer_agent.deadline_s)
+        if not passes:
+            return False
+        return LETTERS[int(probs[0, : len(item.choices)].argmax())] == q["answer"]

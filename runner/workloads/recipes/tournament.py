@@ -146,6 +146,9 @@ def run(job: Any, run_dir: Path) -> int:
     result["min_valid_fraction"] = r.min_valid_fraction
     result["models"] = models
     result["seconds"] = round(time.monotonic() - t0, 1)
+    # how each local Q-agent's sources fared, the writer model's parse / format / key counts among them
+    result["question_agents"] = {t.name: t.question.agent.stats.as_dict() for t in teams
+                                 if isinstance(t.question, LocalQuestionPlayer)}
     atomic_write(run_dir / "tournament.json", json.dumps(result, indent=2) + "\n")
     atomic_write(run_dir / "report.md", report_md(result, job.name))
     for t in result["ranking"]:

@@ -180,11 +180,15 @@ def create_app(
             "batches": batcher.batches,
             "answered": batcher.items,
             "fallbacks": batcher.fallbacks,
+            **({"questions": question_agent.stats.as_dict()} if question_agent is not None else {}),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        return metrics.render(batcher, model_name)
+        text = metrics.render(batcher, model_name)
+        if question_agent is not None:
+            text += "\n".join(question_agent.stats.prometheus_lines()) + "\n"
+        return text
 
     @api.post("/v1/answer")
     async def answer(body: Annotated[AnswerBody, Body()]) -> AnswerResponse | list[AnswerResponse]:
