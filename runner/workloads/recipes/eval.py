@@ -141,6 +141,25 @@ def _device(name: str) -> str:
     return name
 
 
+PROGRESS_EVERY_S = 10.0  # a progress line at most this often
+
+
+def in_chunks(fn: Any, items: Sequence[Any], log: Any, what: str, chunk: int) -> torch.Tensor:
+    """`fn(items)` in chunks of `chunk` items, logging done/total, questions/s and the ETA every
+    PROGRESS_EVERY_S seconds: a long eval on a slow device says how far it is. One call when it all fits."""
+    if len(items) <= chunk:
+        return fn(items)
+    parts, t0, last = [], time.perf_counter(), time.perf_counter()
+    for i in range(0, len(items), chunk):
+        parts.append(fn(items[i:i + chunk]))
+        now, done = time.perf_counter(), min(i + chunk, len(items))
+        if done < len(items) and now - last >= PROGRESS_EVERY_S:
+            rate = done / max(now - t0, 1e-9)
+            log(f"  {what}: {done}/{len(items)} questions, {rate:.1f} q/s, ETA {(len(items) - done) / rate:.0f} s")
+            last = now
+    return torch.cat(parts)
+
+
 def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: Any = print,
                  prompt: Any = None) -> dict[str, Any]:
     """Score one model: letters and/or per-choice, optional bias and debiasing; returns tensors and facts."""
@@ -155,14 +174,15 @@ def score_member(model: Any, tok: Any, records: Sequence[Any], spec: Any, log: A
     out: dict[str, Any] = {"timing": {}}
     if sc.method in ("letters", "both"):
         t0 = time.perf_counter()
-        out["probs"] = letters(records)
+        out["probs"] = in_chunks(letters, records, log, "letters", max(256, 8 * sc.batch_size))
         dt = time.perf_counter() - t0
         out["timing"]["letters_s"] = round(dt, 3)
         out["timing"]["questions_per_s"] = round(len(records) / max(dt, 1e-9), 1)
     if sc.method in ("per_choice", "both"):
         t0 = time.perf_counter()
-        pc = score_mcq_per_choice(model, tok, records, sc.batch_size, normalize=sc.normalize, prompt=prompt,
-                                  max_batch_tokens=sc.max_batch_tokens)
+        pc = in_chunks(lambda items: score_mcq_per_choice(
+            model, tok, items, sc.batch_size, normalize=sc.normalize, prompt=prompt,
+            max_batch_tokens=sc.max_batch_tokens), records, log, "per-choice", max(64, 2 * sc.batch_size))
         dt = time.perf_counter() - t0
         out["timing"]["per_choice_s"] = round(dt, 3)
         if sc.method == "per_choice":

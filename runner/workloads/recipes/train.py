@@ -55,8 +55,10 @@ from runner.workloads.training.progress import (
     ProgressView,
     _null,
     first_val_row,
+    gain_report,
     peak_flops,
     quiet_libraries,
+    write_step0_predictions,
 )
 from runner.workloads.training.schedule import lr_lambda
 
@@ -310,6 +312,8 @@ class Trainer(Checkpointing):
         first_val = None
         if start == 0:
             first_val = self.validate(0)
+            if self.main:
+                write_step0_predictions(self.run_dir, self.last_val_predictions)
             self.log(f"step 0 validation accuracy: {first_val['accuracy']:.1%} ({first_val['n']} questions)")
         else:
             first_val = first_val_row(self.run_dir)
@@ -362,6 +366,9 @@ class Trainer(Checkpointing):
                 f"validation accuracy: step 0 {first_val['accuracy']:.1%} -> step {step} {final['accuracy']:.1%} "
                 f"({final['n']} held-out questions; best checkpoint: step {self.best_step})"
             )
+            gain = gain_report(self.run_dir, self.last_val_predictions)
+            if gain:
+                self.log(gain)
         return 0
 
     def train_row(self, step: int, w: dict[str, float], dt: float, elapsed: float, start: int) -> dict[str, Any]:

@@ -119,6 +119,37 @@ def first_val_row(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+STEP0_PREDICTIONS = "val_step0.json"
+
+
+def write_step0_predictions(run_dir: Path, predictions: dict[str, Any]) -> None:
+    """The step-0 per-question results, kept beside metrics.jsonl so the final report (even after a resume) can
+    run McNemar's paired test of the trained model against the base on the same held-out questions."""
+    from runner.files import atomic_write
+
+    atomic_write(run_dir / STEP0_PREDICTIONS, json.dumps(predictions) + "\n")
+
+
+def gain_report(run_dir: Path, final: dict[str, Any] | None) -> str:
+    """McNemar's paired test of the final validation against step 0, as text for the last log line ('' when the
+    step-0 results are missing or cover other questions)."""
+    from runner.stats import paired_mcnemar
+
+    path = run_dir / STEP0_PREDICTIONS
+    if final is None or not path.is_file():
+        return ""
+    try:
+        first = {p["id"]: bool(p["correct"]) for p in json.loads(path.read_text())["predictions"]}
+    except (ValueError, KeyError, TypeError):
+        return ""
+    last = {p["id"]: bool(p["correct"]) for p in final["predictions"]}
+    if set(first) != set(last):
+        return ""
+    r = paired_mcnemar(first, last)
+    return (f"McNemar vs step 0: p={r.p_value:.3g} ({r.method}; {r.only_second} questions newly right, "
+            f"{r.only_first} newly wrong)")
+
+
 def quiet_libraries() -> None:
     """Our log lines, not the libraries' progress bars and deprecation notices, in run.log."""
     import warnings
