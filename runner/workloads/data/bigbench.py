@@ -8,13 +8,11 @@ problems reported as FILE:LINE of the example, like a bad row of any other impor
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
-from runner.workloads.data.reading import MAX_DIGITS, TOO_DEEP, ImportResult, json_layout, read_text, reason
+from runner.workloads.data.reading import ImportResult, json_document, no_value
 from runner.workloads.data.records import MCQ, brief, make_mcq
 from runner.workloads.scoring.prompts import LETTERS
 
@@ -81,23 +79,8 @@ def _example(ex: Any, *, task: str, number: int, topic: str | None, origin: str)
 
 def import_bigbench(path: Path, out: ImportResult, topic: str | None) -> None:
     """Append the questions of one BIG-bench task.json to `out`, each bad example a FILE:LINE problem."""
-    text = read_text(path)
-    if not text.strip():
-        out.problems.append(f"{path}:1: the file is empty; expected a BIG-bench task (a JSON object with examples)")
-        return
-    starts, deep = json_layout(text, key="examples")
-    if deep is not None:
-        out.problems.append(f"{path}:{deep}: {TOO_DEEP}")
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        out.problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
-        return
-    except ValueError as e:  # an integer too long to convert
-        long_number = re.search(rf"\d{{{MAX_DIGITS + 1},}}", text)
-        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
-        out.problems.append(f"{path}:{line}: {reason(e)}")
+    data, starts = json_document(path, out, "a BIG-bench task (a JSON object with examples)", key="examples")
+    if no_value(data):
         return
     if not isinstance(data, dict):
         out.problems.append(f"{path}:1: expected a BIG-bench task: a JSON object with `examples`")

@@ -9,7 +9,6 @@ as UTF-8 with an optional byte order mark; JSON nested deeper than MAX_JSON_DEPT
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections import Counter
@@ -21,15 +20,13 @@ from runner.spec.models import DataSource
 from runner.workloads.data.bigbench import import_bigbench, looks_like_task, subtask_files
 from runner.workloads.data.builtin import generate as generate_builtin
 from runner.workloads.data.reading import (  # MAX_JSON_DEPTH and MAX_LINE_BYTES: importers' documented limits
-    MAX_DIGITS,
     MAX_JSON_DEPTH,  # noqa: F401
     MAX_LINE_BYTES,  # noqa: F401
-    TOO_DEEP,
     ImportResult,
-    json_layout,
+    json_document,
     json_value,
+    no_value,
     read_lines,
-    read_text,
     reason,
 )
 from runner.workloads.data.records import MCQ, DataError, brief, make_mcq
@@ -192,23 +189,8 @@ def _import_arc_like(path: Path, out: ImportResult, topic: str | None) -> None:
 
 
 def _import_tournament(path: Path, out: ImportResult, topic: str | None) -> None:
-    text = read_text(path)
-    if not text.strip():
-        out.problems.append(f"{path}:1: the file is empty; expected a JSON list of questions")
-        return
-    starts, deep = json_layout(text)
-    if deep is not None:
-        out.problems.append(f"{path}:{deep}: {TOO_DEEP}")
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        out.problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
-        return
-    except ValueError as e:  # an integer too long to convert
-        long_number = re.search(rf"\d{{{MAX_DIGITS + 1},}}", text)
-        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
-        out.problems.append(f"{path}:{line}: {reason(e)}")
+    data, starts = json_document(path, out, "a JSON list of questions")
+    if no_value(data):
         return
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]

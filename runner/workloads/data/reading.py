@@ -142,3 +142,34 @@ def reason(e: Exception) -> str:
     if "integer string conversion" in str(e):
         return f"invalid JSON: a number of more than {MAX_DIGITS} digits"
     return str(e)
+
+
+_NO_VALUE = object()
+
+
+def json_document(path: Path, out: ImportResult, expected: str, key: str | None = None) -> tuple[Any, list[int]]:
+    """A whole-file JSON document and the lines its items start on; `(_NO_VALUE, [])` after appending the one
+    FILE:LINE problem that stops it (empty, nested too deep, invalid JSON, a number too long to convert).
+    `expected` says what the file should hold, for the empty-file message."""
+    text = read_text(path)
+    if not text.strip():
+        out.problems.append(f"{path}:1: the file is empty; expected {expected}")
+        return _NO_VALUE, []
+    starts, deep = json_layout(text, key=key)
+    if deep is not None:
+        out.problems.append(f"{path}:{deep}: {TOO_DEEP}")
+        return _NO_VALUE, []
+    try:
+        return json.loads(text), starts
+    except json.JSONDecodeError as e:
+        out.problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
+    except ValueError as e:  # an integer too long to convert
+        long_number = re.search(rf"\d{{{MAX_DIGITS + 1},}}", text)
+        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
+        out.problems.append(f"{path}:{line}: {reason(e)}")
+    return _NO_VALUE, []
+
+
+def no_value(data: Any) -> bool:
+    """Whether `json_document` gave up on the file (its problem is already reported)."""
+    return data is _NO_VALUE
