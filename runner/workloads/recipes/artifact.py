@@ -21,14 +21,15 @@ from runner.workloads.model.artifact import bundle_base, load_artifact, merge
 
 
 def answer(model: Any, tokenizer: Any, question: str, choices: list[str]) -> dict[str, Any]:
-    from runner.workloads.scoring.prompts import LETTERS
+    from runner.workloads.scoring.prompts import LETTERS, resolve_prompt
     from runner.workloads.scoring.scorer import score_mcq
 
     class _Item:
         def __init__(self) -> None:
             self.question, self.choices = question, choices
 
-    probs = score_mcq(model, tokenizer, [_Item()], batch_size=1)[0]
+    # scored in the style the version was trained with (its adapter's prompt.json), as the service does
+    probs = score_mcq(model, tokenizer, [_Item()], batch_size=1, prompt=resolve_prompt(None, model))[0]
     k = int(probs.argmax())
     return {"answer": LETTERS[k], "confidence": round(float(probs[k]), 4),
             "probs": {LETTERS[i]: round(float(probs[i]), 4) for i in range(len(choices))}}
