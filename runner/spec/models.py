@@ -388,41 +388,43 @@ class DataSpec(Section):
 # --- training ----------------------------------------------------------------------------------------
 
 
-class TrainSpec(Section):
-    steps: int = Field(200, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences (or packed rows) per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    tokens_per_step: int | None = Field(
-        None, ge=1, description="Token budget per optimizer step; sets gradient accumulation when given."
+class MlflowSpec(Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server (`http://host:5000`) or store (`sqlite:///path.db`); default: a "
+        "SQLite store at $RUNNER_HOME/mlflow/mlflow.db.",
     )
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warm-up.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_seq_len: int = Field(512, ge=16, description="Longest sequence (or packed row) in tokens.")
-    packing: bool = Field(True, description="Pack samples into rows with per-sample attention.")
-    eval_every: int = Field(50, ge=1, description="Validate every N steps (and at step 0 and the end).")
-    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
-    log_every: int = Field(10, ge=1, description="Write a train metrics line every N steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep the last N checkpoints plus the best.")
-    seed: int = Field(0, description="Seed for everything random in training.")
-    deterministic: bool = Field(False, description="Deterministic kernels (slower; exact resume comparisons).")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (CPU runs).")
-    on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop",
-        description="What a non-finite loss or gradient norm does: `stop` fails the run naming the step; `skip` "
-        "drops that step's update and counts it (`skipped_steps`); 10 skips in a row fail the run.",
-    )
+    experiment: str | None = Field(None, description="MLflow experiment (default: the job's name).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(https?://[A-Za-z0-9.\-\[\]:]+(/[\w.\-/]*)?|sqlite:///[\w.\-/]+)", v):
+            raise ValueError(f"{v!r} is not an http(s):// server or a sqlite:///PATH store; "
+                             "write e.g. http://127.0.0.1:5000 or sqlite:///mlruns/mlflow.db")
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w.\-/ ]{1,200}", v):
+            raise ValueError("an experiment name is 1-200 letters, digits, spaces, `.`, `_`, `-` or `/`")
+        return v
 
 
 class LoggingSpec(Section):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    mlflow: MlflowSpec | None = Field(
+        None, description="Track the run in MLflow (params, metrics, artifacts; `runner promote` mirrors the "
+        "registry). `{}` uses a local SQLite store. Never changes the spec hash.",
+    )
 
 
 # --- jobs --------------------------------------------------------------------------------------------
 
 Backend = Literal["local", "docker", "slurm", "kubernetes"]
+
+
+from runner.spec.train import TrainSpec  # noqa: E402  (needs Section above)
 
 
 class JobBase(Section):

@@ -34,8 +34,10 @@ from runner.paths import runner_cache
 from runner.workloads.data.curriculum import DIFFICULTY_LEVEL, StepComposer, curriculum_order
 from runner.workloads.data.records import MCQ, DataError
 from runner.workloads.data.sets import dedupe, load_sources, train_val_records
+from runner.workloads.model.compiled import compile_layers
+from runner.workloads.model.fused_lora import fuse_lora
 from runner.workloads.model.loading import attach_lora, base_model_path, load_model_and_tokenizer
-from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
+from runner.workloads.model.packed_attention import enable_packed_attention
 from runner.workloads.scoring.prompts import PLAIN, PromptStyle, prompter
 from runner.workloads.scoring.scorer import score_mcq
 from runner.workloads.training.checkpointing import Checkpointing
@@ -44,11 +46,13 @@ from runner.workloads.training.nonfinite import NonFiniteError, NonFiniteGuard
 from runner.workloads.training.packing import (
     Example,
     answer_loss_sum,
+    collate_grouped,
     collate_packed,
     collate_padded,
     encode_mcq,
+    group_by_length,
     per_token_losses,
-    varlen_training,
+    resolve_layout,
 )
 from runner.workloads.training.progress import (
     Metrics,
@@ -128,9 +132,17 @@ class Trainer(Checkpointing):
         self.replay_ex = [encode_mcq(self.tok, r, L, prompt_style=self.prompt) for r in replay]
 
         torch.manual_seed(t.seed)  # the adapter's init must not depend on whether the base came from a cache
-        if self.device.type == "cuda" and varlen_available():
-            enable_packed_attention(model)  # packed rows then train through varlen flash attention, no 4D mask
+        self.layout = resolve_layout(t.layout, t.packing, self.device)
+        if self.layout == "varlen" and not enable_packed_attention(model):
+            raise DataError(f"train.layout varlen: {self.spec.model.base} has no attention the packed path can "
+                            "take (it needs SDPA and full attention in every layer); use layout grouped")
         model = attach_lora(model, self.spec.lora)
+        speed = [f"layout {self.layout}"]
+        if t.fused_lora:
+            speed.append(f"fused LoRA in {fuse_lora(model)} layers")
+        if t.compile and self.layout != "varlen":
+            speed.append(f"torch.compile of {compile_layers(model)} decoder layers (the first steps compile)")
+        self.log("training: " + ", ".join(speed))
         self.n_params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.log(f"model: {self.spec.model.base} ({self.n_params / 1e6:.1f}M params, "
@@ -160,9 +172,7 @@ class Trainer(Checkpointing):
         )
         self.flops_peak = peak_flops(self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.varlen = t.packing and varlen_training(model, self.device)
-        if self.varlen:
-            self.log("attention: packed rows through variable-length flash attention (no 4D mask)")
+        self.row_budget = t.batch_size * L  # padded tokens per micro-batch in the grouped layout
 
     def base_losses(self, model: Any) -> list[float]:
         """Base-model answer loss per training record (curriculum order `loss`), computed once per run dir."""
@@ -259,11 +269,16 @@ class Trainer(Checkpointing):
         micro = [mine[i : i + per] for i in range(0, len(mine), per)]
         self.model.train()
         loss_sum = 0.0
+        if self.layout == "grouped":  # the same samples, regrouped by length: micro-batches of similar lengths
+            micro = [[[e] for e in g] for g in group_by_length([e for row in mine for e in row], self.row_budget)]
+        pad = self.tok.pad_token_id
         for i, mb in enumerate(micro):
-            if t.packing:
-                batch = collate_packed(mb, self.tok.pad_token_id, self.dtype, mask=not self.varlen)
+            if self.layout == "grouped":
+                batch = collate_grouped([row[0] for row in mb], pad)
+            elif self.layout in ("varlen", "packed"):
+                batch = collate_packed(mb, pad, self.dtype, mask=self.layout == "packed")
             else:
-                batch = collate_padded([e for row in mb for e in row], self.tok.pad_token_id)
+                batch = collate_padded([e for row in mb for e in row], pad)
             batch = batch.to(self.device)
             ctx = self.acc.no_sync(self.model) if i < len(micro) - 1 else _null()
             with ctx:

@@ -48,7 +48,7 @@ def encode_mcq(tokenizer: Any, rec: Any, max_len: int, answer: str | None = None
 class Batch:
     input_ids: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive (packed), [B, T] 0/1 (padded), None: seq_lens
+    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive (packed), [B, T] 0/1 (padded), None: seq_lens, or causal only (grouped)
     loss_mask: torch.Tensor  # [B, T] bool: positions whose next token is an answer token
     targets: torch.Tensor  # [K] the answer tokens, in loss_mask order (row-major)
     n_tokens: int  # real (non-pad) tokens
@@ -155,6 +155,43 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
     return Batch(ids, pos, att, loss_mask, torch.tensor(targets, dtype=torch.long), n_tok, B)
 
 
+def collate_grouped(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-padded rows with no attention mask at all: causal attention alone is exact here, since every pad
+    comes after its row's real tokens and no real position attends forward. Position ids run 0..T-1 on every
+    row (a sample's own positions are 0..n-1 either way), so the attention takes SDPA's causal fast path."""
+    b = collate_padded(examples, pad_id)
+    T = b.input_ids.shape[1]
+    pos = torch.arange(T).repeat(len(examples), 1)
+    return Batch(b.input_ids, pos, None, b.loss_mask, b.targets, b.n_tokens, b.n_samples)
+
+
+def group_by_length(examples: Sequence[Example], token_budget: int) -> list[list[Example]]:
+    """A step's samples sorted by length and cut into rows of samples of similar length, each at most
+    `token_budget` padded tokens (a longer sample gets a row of its own). The step's gradient is the sum over
+    its samples, so grouping within the step changes no result, only how much padding is computed."""
+    out: list[list[Example]] = []
+    for ex in sorted(examples, key=len):
+        if out and (len(out[-1]) + 1) * len(ex) <= token_budget:
+            out[-1].append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+Layout = str  # "grouped" | "varlen" | "packed" | "padded"
+
+
+def resolve_layout(layout: str, packing: bool, device: torch.device | str) -> Layout:
+    """The layout a train job's `layout: auto` means on this device: variable-length attention over packed rows
+    on CUDA (where PyTorch has the kernel), length-grouped padded rows elsewhere (on a CPU every padded or masked
+    position costs as much as a real one, and a 4D mask costs more than the padding grouping leaves)."""
+    if layout != "auto":
+        return layout
+    if not packing:
+        return "padded"
+    return "varlen" if torch.device(device).type == "cuda" and varlen_available() else "grouped"
+
+
 _BOOL_KEEP: bool | None = None  # does the installed transformers take a boolean `logits_to_keep`?
 
 
@@ -170,7 +207,9 @@ def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
     if batch.attention_mask is not None:
         kw["attention_mask"] = batch.attention_mask
         return _answer_logits(model, batch, kw)
-    if batch.seq_lens is None or not packed_ready(model):
+    if batch.seq_lens is None:  # length-grouped rows: causal attention alone, no mask
+        return _answer_logits(model, batch, kw)
+    if not packed_ready(model):
         raise ValueError("a batch without an attention mask needs seq_lens and a model with packed attention")
     packed = Packed.from_lengths(batch.seq_lens, batch.input_ids.device)
     kw["qa_packed"] = packed
