@@ -1,8 +1,11 @@
-"""Eval benchmark on CPU: the single-pass letter scorer against the lm-eval style per-choice method.
+"""Eval benchmark on CPU: the project's letter scorer against the best plain HF scorer a competent user writes,
+and against the lm-eval style per-choice method.
 
 Same tiny model (the runner's pretrained `tiny` base, cached under $RUNNER_CACHE), same questions, one process,
-interleaved repeats. Prints `name: value` lines; the headline is `eval_speedup_vs_per_choice` (target >= 3.0)
-and the agreement of the two methods' predictions.
+interleaved repeats. The competent baseline (`single_pass_hf`) scores each question in one forward too:
+length-sorted batches, left-padded with position ids from the mask, `logits_to_keep=1`, the letter tokens'
+logits at the last position. The headline is `eval_speedup_vs_best_hf` (against the faster of that and the
+per-choice method); `eval_speedup_vs_per_choice` is kept as a reference row. Predictions of all three agree.
 
     python bench/eval_bench.py [--n 400] [--repeats 3] [--data builtin:categories?per_topic=60]
 """
@@ -35,7 +38,12 @@ def main() -> int:
     from runner.workloads.model.loading import load_model_and_tokenizer
     from runner.workloads.model.packed_attention import enable_packed_scoring
     from runner.workloads.scoring.prompts import LETTERS
-    from runner.workloads.scoring.scorer import encode_prompts, score_mcq, score_mcq_per_choice
+    from runner.workloads.scoring.scorer import (
+        encode_prompts,
+        letter_token_ids,
+        score_mcq,
+        score_mcq_per_choice,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,26 +62,51 @@ def main() -> int:
     def per_choice():  # noqa: ANN202
         return score_mcq_per_choice(model, tok, records, args.batch_size)
 
-    letters(), per_choice()  # warm-up: allocator, kernels
-    times: dict[str, list[float]] = {"letters": [], "per_choice": []}
+    prompts = encode_prompts(tok, records)
+    letter_ids = torch.tensor(letter_token_ids(tok))
+    pad = tok.pad_token_id
+
+    @torch.no_grad()
+    def single_pass_hf():  # noqa: ANN202
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = torch.empty(len(prompts), len(letter_ids))
+        for j in range(0, len(order), args.batch_size):
+            idx = order[j : j + args.batch_size]
+            T = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
+                att[r, T - len(prompts[i]):] = 1
+            pos = (att.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
+            out[torch.tensor(idx)] = logits[:, letter_ids].float()
+        return out
+
+    letters(), per_choice(), single_pass_hf()  # warm-up: allocator, kernels
+    times: dict[str, list[float]] = {"letters": [], "per_choice": [], "single_pass_hf": []}
     results = {}
     for _ in range(args.repeats):
-        for name, fn in (("letters", letters), ("per_choice", per_choice)):
+        for name, fn in (("letters", letters), ("per_choice", per_choice), ("single_pass_hf", single_pass_hf)):
             t0 = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
     t_l, t_p = statistics.median(times["letters"]), statistics.median(times["per_choice"])
+    t_h = statistics.median(times["single_pass_hf"])
     print("# seconds per pass: " + ", ".join(f"{k} {[round(t, 3) for t in v]}" for k, v in times.items()))
     p_l, p_p = results["letters"].argmax(-1), results["per_choice"].argmax(-1)
     print(f"eval_letters_questions_per_s: {len(records) / t_l:.1f}")
     print(f"eval_per_choice_questions_per_s: {len(records) / t_p:.1f}")
     print(f"eval_letters_accuracy: {float((p_l == gold).float().mean()):.4f}")
     print(f"eval_per_choice_accuracy: {float((p_p == gold).float().mean()):.4f}")
+    p_h = results["single_pass_hf"].argmax(-1)
+    print(f"eval_single_pass_hf_questions_per_s: {len(records) / t_h:.1f}")
     print(f"eval_agreement_letters_vs_per_choice: {float((p_l == p_p).float().mean()):.4f}")
-    speedup = t_p / t_l
-    print(f"eval_speedup_vs_per_choice: {speedup:.2f}")
-    if speedup < 3.0:
-        print("# below the 3.0 target on this machine (shared cores make single runs noisy: rerun to confirm)")
+    print(f"eval_agreement_letters_vs_single_pass_hf: {float((p_l == p_h).float().mean()):.4f}")
+    best = min(t_p, t_h)
+    print(f"eval_speedup_vs_best_hf: {best / t_l:.2f} (best plain scorer: "
+          f"{'single_pass_hf' if t_h <= t_p else 'per_choice'})")
+    print(f"eval_speedup_vs_per_choice: {t_p / t_l:.2f} (reference row)")
     return 0
 
 

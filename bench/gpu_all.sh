@@ -2,11 +2,13 @@
 # Every GPU measurement in one go, for a GPU machine without network access: CUDA PyTorch, transformers, peft
 # and accelerate installed, and the serving packages (fastapi, uvicorn, pydantic, ruamel.yaml) importable.
 #
-#   bench/gpu_all.sh [serve|train|score|all] [PATH/TO/hf_peft_baseline.py]
+#   bench/gpu_all.sh [serve|train|score|all]
 #
 # serve: the HTTP answer service on a random-init 7B-shaped model, 16 clients (micro-batched and one request
-#        per forward) and one client alone; train: LoRA training throughput, 0.5B and 7B shapes, 4D mask and
-#        variable-length attention, against the padded baseline; score: MCQ scoring methods, 7B shape.
+#        per forward) and one client alone; train: LoRA training throughput, 0.5B and 7B shapes, the project's
+#        step (varlen attention, fused LoRA; grouped + torch.compile) against the competent plain HF + PEFT loops
+#        (length-grouped answer-only, 4D-mask packing, DataCollatorWithFlattening) and the padded reference row,
+#        all in one process; score: MCQ scoring methods, 7B shape.
 # Results go to ${OUT:-bench/out}/ (text and JSON lines); copy the numbers into bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ export PYTHONUNBUFFERED=1 RUNNER_CACHE=${RUNNER_CACHE:-/tmp/qa-runner-cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 what=${1:-all}
-baseline=${2:-}
+
 
 {
     date -u +%FT%TZ
@@ -33,7 +35,8 @@ if [[ $what == serve || $what == all ]]; then
 fi
 if [[ $what == train || $what == all ]]; then
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of words
-    timeout 270 $py bench/gpu_bench.py ${TRAIN_ARGS:---size 0.5b,7b} ${baseline:+--baseline "$baseline"} 2>&1 | tee "$out/train.jsonl"
+    # The baselines run inside gpu_bench.py (same process); no baseline script is needed.
+    timeout 420 $py bench/gpu_bench.py ${TRAIN_ARGS:---size 0.5b,7b} 2>&1 | tee "$out/train.jsonl"
 fi
 if [[ $what == score || $what == all ]]; then
     timeout 200 $py bench/gpu_score.py --size 7b --compile "" ${SCORE_ARGS:-} 2>&1 | tee "$out/score_7b.jsonl"

@@ -1,35 +1,56 @@
-"""GPU training benchmark: the project's trainer step vs the shared plain HF + PEFT baseline, same process.
+"""GPU training benchmark: the project's training step against the best plain HF + PEFT loops a competent user
+writes, in the same process, on the same samples and the same objective (loss on the answer token).
 
-Our step is what runner.workloads.recipes.train runs: samples packed into rows with a block-diagonal causal mask
-(no attention across samples), position ids restarting per sample, LoRA r=16 on all seven projections,
-and the cross-entropy only at the answer positions (the lm_head runs on those hidden states only).
-Random-init Qwen2.5 architectures (nothing is downloaded), bf16 on CUDA; real (non-pad) tokens/s, MFU at
-4N FLOPs/token against PEAK_TFLOPS (default 790, the baseline's), peak memory. Also runs on CPU:
+Random-init Qwen2.5 architectures (`model_shapes.py`; nothing is downloaded), bf16 on CUDA, LoRA r=16 on all seven
+projections. Samples are MCQ-like (lognormal lengths around ~180 tokens, clipped to 48..1024, as
+../shared/bench/hf_peft_baseline.py); each step is the samples that fill `--budget` tokens, the same steps for
+every method. The methods are those of `train_bench.py`:
 
-    python bench/gpu_bench.py --size tiny                      # CPU smoke test
-    python bench/gpu_bench.py --size 0.5b,7b --baseline ../shared/bench/hf_peft_baseline.py
+- `grouped_hf` (a): steps in HF's `LengthGroupedSampler` order, right-padded, 2D mask, answer-only logits;
+- `packed4d_hf` (b): the step packed into one row, 4D block-diagonal mask, answer-only logits;
+- `flattened_hf` (b): `DataCollatorWithFlattening`, position ids only (transformers masks the sequences);
+- `padded_hf` (c, reference row): unsorted padded batches, full-vocabulary logits at every position;
+- `ours`: `train.layout: auto` on this device (varlen attention over packed rows on CUDA where PyTorch has the
+  kernel) with fused LoRA; `ours_grouped_compiled`: length-grouped rows with `train.compile`.
+
+Prints real (non-pad) tokens/s, MFU = tokens/s x 4N / the GPU's dense bf16 spec peak (N = all parameters: forward
+2N plus the activation gradients 2N; the frozen base has no weight gradients; attention FLOPs not counted; H100/H200
+989 TFLOP/s, MI300X 1,307; the same formula as the trainer's `mfu` metric), peak memory, the first step's loss per
+method, and `train_speedup_vs_best_hf_<size>` against the best of (a) and (b).
+
+    python bench/gpu_bench.py --size tiny            # CPU smoke test of every method
+    python bench/gpu_bench.py --size 0.5b,7b
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
+import copy
+import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from model_shapes import SIZES  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available
-from runner.workloads.training.packing import Example, answer_loss_sum, collate_packed, pack_rows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_bench as tb  # noqa: E402
+from model_shapes import SIZES  # noqa: E402
+
+from runner.workloads.model.compiled import compile_layers  # noqa: E402
+from runner.workloads.model.fused_lora import fuse_lora  # noqa: E402
+from runner.workloads.model.packed_attention import enable_packed_attention, varlen_available  # noqa: E402
+from runner.workloads.training.packing import Example, resolve_layout  # noqa: E402
+from runner.workloads.training.progress import PEAK_TFLOPS  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+HF_METHODS = ("grouped_hf", "packed4d_hf", "flattened_hf")
 
 
 def emit(**kw: Any) -> dict[str, Any]:
@@ -42,175 +63,170 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(size: str, gradient_checkpointing: bool = False, varlen: bool = False) -> tuple[torch.nn.Module, int]:
-    from peft import LoraConfig, get_peft_model
+def peak_tflops() -> float | None:
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"])
+    if DEV != "cuda":
+        return None
+    name = torch.cuda.get_device_name().upper()
+    return next((tf for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def build_base(size: str) -> tuple[Any, int]:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     cfg = Qwen2Config(**SIZES[size], max_position_embeddings=8192)
     cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
     with torch.device(DEV):
         m = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE)
-    n = sum(p.numel() for p in m.parameters())
-    if varlen and not enable_packed_attention(m):
-        raise RuntimeError("packed attention could not be enabled")
-    if gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        m.enable_input_require_grads()
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return get_peft_model(m, lcfg), n
+    return m, sum(p.numel() for p in m.parameters())
 
 
-def sample_stream(vocab: int, seed: int = 0, max_len: int = 1024) -> Any:
-    """MCQ-like samples forever: lognormal lengths around ~180 tokens (as the baseline), one answer token."""
+def make_steps(vocab: int, n_steps: int, budget: int, seed: int = 0) -> list[list[Example]]:
     g = torch.Generator().manual_seed(seed)
-    while True:
-        for n in torch.exp(torch.randn(256, generator=g) * 0.5 + 5.2).clamp(48, min(1024, max_len)).long().tolist():
-            yield Example(ids=torch.randint(0, vocab, (n,), generator=g).tolist(), label_start=n - 1)
+    steps: list[list[Example]] = []
+    while len(steps) < n_steps:
+        step: list[Example] = []
+        used = 0
+        while True:
+            n = int(torch.exp(torch.randn((), generator=g) * 0.5 + 5.2).clamp(48, 1024))
+            if used + n > budget:
+                break
+            step.append(Example(ids=torch.randint(1, vocab, (n,), generator=g).tolist(), label_start=n - 1))
+            used += n
+        steps.append(step)
+    return steps
 
 
-def next_rows(stream: Any, rows: int, row_len: int, carry: list[Example]) -> list[list[Example]]:
-    exs = list(carry)
-    carry.clear()
-    while True:
-        exs.append(next(stream))
-        packed = pack_rows([len(e) for e in exs], row_len)
-        if len(packed) > rows:
-            carry.append(exs.pop())
-            packed = pack_rows([len(e) for e in exs], row_len)
-            return [[exs[i] for i in r] for r in packed]
+def grouped_order(steps: list[list[Example]]) -> list[list[Example]]:
+    """The same samples as `steps`, re-cut into steps of the same sizes in HF's LengthGroupedSampler order."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    flat = [e for s in steps for e in s]
+    per = max(1, round(len(flat) / len(steps)))
+    order = list(LengthGroupedSampler(per, lengths=[len(e) for e in flat], generator=torch.Generator().manual_seed(0)))
+    return [[flat[i] for i in order[j : j + per]] for j in range(0, len(flat), per)]
 
 
-def ours(size: str, rows: int, row_len: int, steps: int, warm: int, peak: float, gc: bool = False,
-         varlen: bool = False) -> dict[str, Any]:
-    model, n_params = build(size, gc, varlen)
+def run_method(name: str, base: Any, steps: list[list[Example]], warm: int, budget: int, n_params: int,
+               peak: float | None) -> dict[str, Any]:
+    layout = resolve_layout("auto", True, DEV) if name == "ours" else "grouped"
+    model = copy.deepcopy(base)
+    if name == "ours" and layout == "varlen" and not enable_packed_attention(model):
+        layout = "grouped"
+    model = _lora(model)
+    if name.startswith("ours"):
+        fuse_lora(model)
+    if name == "ours_grouped_compiled":
+        compile_layers(model)
+    pad = 0
+    fns = {
+        "grouped_hf": lambda m, s: tb.grouped_hf(m, s, pad),
+        "packed4d_hf": lambda m, s: tb.packed4d_hf(m, s, pad),
+        "flattened_hf": lambda m, s: tb.flattened_hf(m, s, pad),
+        "padded_hf": lambda m, s: tb.padded_hf(m, s, pad),
+        "ours": lambda m, s: tb.ours(m, s, pad, budget, layout),
+        "ours_grouped_compiled": lambda m, s: tb.ours(m, s, pad, budget, "grouped"),
+    }
+    fn = fns[name]
+    self_backward = name.startswith("ours")
+    first = fn(model, steps[0])
+    if not self_backward:
+        first.backward()
+    model.zero_grad(set_to_none=True)
+    first_loss = first.item()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    stream = sample_stream(SIZES[size]["vocab_size"], max_len=row_len)
-    carry: list[Example] = []
-    tokens = 0
-    total = 0.0
-    for step in range(warm + steps):
-        batch = collate_packed(next_rows(stream, rows, row_len, carry), 0, DTYPE, row_len, mask=not varlen).to(DEV)
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens, total = 0, 0.0
+    for i, s in enumerate(steps[: warm] + steps):
         sync()
         t0 = time.perf_counter()
-        loss = answer_loss_sum(model, batch) / len(batch.targets)
-        loss.backward()
+        loss = fn(model, s)
+        if not self_backward:
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        if step >= warm:
+        if i >= warm:
             total += time.perf_counter() - t0
-            tokens += batch.n_tokens
+            tokens += sum(map(len, s))
     tps = tokens / total
-    row = emit(bench="train", who="ours", attention="varlen" if varlen else "4d-mask", size=size,
-               layout=f"{rows}x{row_len}", gradient_checkpointing=gc,
-               params=n_params, tokens_per_s=round(tps, 1),
-               mfu_4N=round(tps * 4 * n_params / peak, 4) if DEV == "cuda" else None,
+    row = emit(bench="train", method=name, layout=layout if name.startswith("ours") else None,
+               tokens_per_s=round(tps, 1), first_step_loss=round(first_loss, 5),
+               mfu_4N=round(tps * 4 * n_params / (peak * 1e12), 4) if peak else None,
                max_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else None)
     del model, opt
+    gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     return row
 
 
-def check_exact(size: str = "tiny", varlen: bool = False) -> float:
-    """Our packed answer-only loss equals the per-sample loss of the samples run alone (max abs diff)."""
-    model, _ = build(size, varlen=varlen)
-    model.eval()
-    stream = sample_stream(SIZES[size]["vocab_size"], seed=1)
-    exs = [next(stream) for _ in range(4)]
-    with torch.no_grad():
-        packed = collate_packed([exs[:2], exs[2:]], 0, DTYPE, mask=not varlen).to(DEV)
-        a = answer_loss_sum(model, packed).float()
-        b = sum(answer_loss_sum(model, collate_packed([[e]], 0, DTYPE).to(DEV)).float() for e in exs)
-    return float((a - b).abs())
+def _lora(model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
 
-
-def load_baseline(path: str | None) -> Any:
-    here = Path(__file__).resolve().parent
-    candidates = [path] if path else [here.parents[1] / "shared/bench/hf_peft_baseline.py",
-                                      here.parent / "shared/bench/hf_peft_baseline.py",
-                                      Path("/work/shared/bench/hf_peft_baseline.py")]
-    for c in candidates:
-        if c and Path(c).exists():
-            spec = importlib.util.spec_from_file_location("hf_peft_baseline", str(c))
-            assert spec and spec.loader
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    return None
-
-
-def baseline(mod: Any, size: str, mode: str, bsz: int, steps: int, warm: int, row_len: int = 4096) -> dict | None:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        try:
-            mod.train_bench(size, mode, steps, warm, bsz, row_len=row_len)
-        except torch.OutOfMemoryError:
-            print(json.dumps({"bench": "train", "size": size, "mode": mode, "error": "OOM"}))
-    out = None
-    for ln in buf.getvalue().splitlines():
-        d = json.loads(ln)
-        d["who"] = "hf_peft_baseline"
-        print(json.dumps(d), flush=True)
-        out = d
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return out
+    torch.manual_seed(0)
+    m = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tb.TARGETS,
+                                         task_type="CAUSAL_LM"))
+    m.train()
+    return m
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="tiny", help="comma list of tiny, 0.5b, 7b")
-    ap.add_argument("--layouts", default=None, help="packed rows x row length, comma list (default 8x1024,2x4096)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--baseline", default=None, help="path to hf_peft_baseline.py (default: ../shared/bench/)")
-    ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--no-varlen", action="store_true", help="skip the variable-length attention runs")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: tiny 3, else 8)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: tiny 1, else 3)")
+    ap.add_argument("--budget", default=None, help="tokens per step, per size: e.g. 0.5b=16384,7b=8192")
+    ap.add_argument("--methods", default="grouped_hf,packed4d_hf,flattened_hf,padded_hf,ours,ours_grouped_compiled")
     args = ap.parse_args()
-    peak = float(os.environ.get("PEAK_TFLOPS", "790")) * 1e12
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    peak = peak_tflops()
     emit(bench="env", dev=DEV, gpu=torch.cuda.get_device_name() if DEV == "cuda" else None, torch=torch.__version__,
-         transformers=__import__("transformers").__version__, peak_tflops=peak / 1e12)
-    varlen = DEV == "cuda" and varlen_available() and not args.no_varlen
-    emit(bench="exactness", size="tiny", attention="4d-mask", packed_vs_alone_abs_diff=check_exact())
-    if varlen or DEV == "cpu":  # on a CPU the mask-free path runs one SDPA per sample (checks the plumbing)
-        emit(bench="exactness", size="tiny", attention="varlen" if varlen else "per-sample-sdpa",
-             packed_vs_alone_abs_diff=check_exact(varlen=True))
-    mod = None if args.no_baseline else load_baseline(args.baseline)
-    if mod is None and not args.no_baseline:
-        emit(bench="warning", message="baseline not found; pass --baseline PATH")
+         transformers=transformers.__version__, peak_tflops=peak, varlen_attention=varlen_available(),
+         flops_per_token="4N (N = all parameters)")
+    budgets = {"tiny": 2048, "0.5b": 16384, "7b": 8192}
+    for kv in (args.budget or "").split(","):
+        if "=" in kv:
+            k, v = kv.split("=")
+            budgets[k] = int(v)
     for size in args.size.split(","):
+        base, n_params = build_base(size)
         tiny = size == "tiny"
-        steps = args.steps or (3 if tiny else 8)
-        warm = args.warmup if args.warmup is not None else (1 if tiny else 3)
-        layouts = args.layouts or ("2x512" if tiny else "8x1024,2x4096" if size == "7b" else "16x1024,4x4096")
-        results = []
-        for lay in layouts.split(","):
-            r, L = (int(x) for x in lay.split("x"))
-            for vl in ([False, True] if varlen else [False]):
-                try:
-                    results.append(ours(size, r, L, steps, warm, peak, args.gradient_checkpointing, vl))
-                except torch.OutOfMemoryError as e:
-                    emit(bench="train", who="ours", size=size, layout=lay, varlen=vl, error="OOM", detail=str(e)[:400])
-                    e.__traceback__ = None
-                    torch.cuda.empty_cache()
-                except Exception as e:  # a kernel missing on this GPU/PyTorch: report it, keep measuring
-                    emit(bench="train", who="ours", size=size, layout=lay, varlen=vl, error=type(e).__name__,
-                         detail=str(e)[:400])
-        best = max(results, key=lambda d: d["tokens_per_s"]) if results else None
-        base = None
-        if mod is not None:
-            bsz = 8 if tiny else (16 if size == "0.5b" else 8)
-            base = baseline(mod, size, "padded", bsz, steps, warm)
-        if best and base and "tokens_per_s" in base:
-            emit(bench="summary", size=size, best_layout=best["layout"], best_attention=best["attention"],
-                 ours_tokens_per_s=best["tokens_per_s"],
-                 ours_mfu_4N=best["mfu_4N"], padded_baseline_tokens_per_s=base["tokens_per_s"],
-                 speedup_vs_padded=round(best["tokens_per_s"] / base["tokens_per_s"], 2))
+        steps = make_steps(SIZES[size]["vocab_size"], args.steps or (3 if tiny else 8), budgets[size])
+        grouped = grouped_order(steps)
+        rows = {}
+        for name in args.methods.split(","):
+            use = steps if name == "padded_hf" else grouped
+            try:
+                rows[name] = run_method(name, base, use, args.warmup if args.warmup is not None else (1 if tiny else 3),
+                                        budgets[size], n_params, peak)
+            except torch.OutOfMemoryError as e:
+                emit(bench="train", method=name, size=size, error="OOM", detail=str(e)[:300])
+                e.__traceback__ = None
+                gc.collect()
+                torch.cuda.empty_cache()
+            except Exception as e:  # a kernel missing on this GPU/PyTorch: report it, keep measuring
+                emit(bench="train", method=name, size=size, error=type(e).__name__, detail=str(e)[:400])
+        hf = [n for n in HF_METHODS if n in rows]
+        ours = [n for n in ("ours", "ours_grouped_compiled") if n in rows]
+        if hf and ours:
+            best_hf = max(hf, key=lambda n: rows[n]["tokens_per_s"])
+            best = max(ours, key=lambda n: rows[n]["tokens_per_s"])
+            losses = [r["first_step_loss"] for n, r in rows.items() if n != "padded_hf"]  # same first step
+            emit(bench="summary", size=size, params=n_params, best_hf=best_hf, best_ours=best,
+                 ours_tokens_per_s=rows[best]["tokens_per_s"], ours_mfu_4N=rows[best]["mfu_4N"],
+                 best_hf_tokens_per_s=rows[best_hf]["tokens_per_s"], loss_spread=round(max(losses) - min(losses), 5))
+            print(f"train_speedup_vs_best_hf_{size}: {rows[best]['tokens_per_s'] / rows[best_hf]['tokens_per_s']:.2f}",
+                  flush=True)
+        del base
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
