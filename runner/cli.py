@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.runs import Run
     from runner.spec import Job
-from runner.run_views import first, last, ls_rows, plots, reconcile, served, tournament
+from runner.run_views import first, last, plots, reconcile, served, tournament
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ENV = 0, 1, 2, 3
 
@@ -270,22 +270,9 @@ def _get(ref: str) -> Run:
         raise Exit(EXIT_INVALID, f"error: {e}") from None
 
 
-@app.command("ls")
-def ls_(job: str | None = typer.Argument(None, help="Only runs of this job.")) -> None:
-    """List runs: id, job, kind, state, backend, started, validation accuracy."""
-    from rich.console import Console
-    from rich.table import Table
+from runner.housekeeping_cli import register  # noqa: E402  (ls, rm, gc, track)
 
-    t = Table(box=None, header_style="bold")
-    for col in ("run", "job", "kind", "state", "backend", "started", "steps", "val acc"):
-        t.add_column(col, no_wrap=True)
-    rows, unreadable = ls_rows(_store().list(job))
-    for row in rows:
-        t.add_row(*row)
-    # Piped output (scripts, tests) is never truncated to a terminal width.
-    Console(width=None if sys.stdout.isatty() else 250).print(t)
-    for problem in unreadable:
-        err(f"warning: {problem}")
+register(app)
 
 
 @app.command()

@@ -88,20 +88,23 @@ def drive_locked(r: Run, p: Plan, attach: bool) -> int:
             _say("runner: forcing stop")
             backend.cancel(r, grace_s=0)
 
+    from runner.tracking import Follower
+
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = handle.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    st = r.status()
-    if code == 0:
-        state = "succeeded"
-    elif st.get("cancel_requested") or code == EXIT_CANCELLED:
-        state = "cancelled"
-    else:
-        state = "failed"
-    r.set_state(state, exit_code=code)
+    with Follower(r):  # MLflow, when the job turns it on: sent from here, so the workload never waits on it
+        try:
+            code = handle.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        st = r.status()
+        if code == 0:
+            state = "succeeded"
+        elif st.get("cancel_requested") or code == EXIT_CANCELLED:
+            state = "cancelled"
+        else:
+            state = "failed"
+        r.set_state(state, exit_code=code)
     if attach:
         _say(f"runner: {r.ref} {state} (exit {code})")
     return code

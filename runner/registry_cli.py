@@ -4,6 +4,7 @@ exit codes."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from runner.registry.promote import promote
@@ -35,7 +36,12 @@ def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | No
     except RegistryError as e:
         _err(f"error: {e}" if not str(e).startswith("gate:") else str(e))
         return e.code
-    for line in p.messages:
+    from runner.runs import Run
+    from runner.tracking import mirror_promotion  # the team's MLflow view, when the run is tracked
+
+    run_dir = Path(str((p.manifest.get("source") or {}).get("run_dir", "")))
+    mirrored = mirror_promotion(Run(run_dir), p.name, p.version, p.vdir, p.manifest, alias) if run_dir.is_dir() else []
+    for line in p.messages + mirrored:
         print(line)
     for line in p.warnings:
         _err(line)

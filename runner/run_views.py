@@ -36,7 +36,7 @@ def reconcile(r: Run) -> str:
 
 
 def ls_rows(runs: list[Run]) -> tuple[list[list[str]], list[str]]:
-    """`runner ls` rows (run, job, kind, state, backend, started, steps, val acc), and a line per unreadable run:
+    """`runner ls` rows (run, job, kind, state, backend, started, steps, final val acc, best val acc @ step), and a line per unreadable run:
     one damaged run must not hide the others."""
     from runner.runs import RunError
 
@@ -56,8 +56,24 @@ def ls_rows(runs: list[Run]) -> tuple[list[list[str]], list[str]]:
         step = last(ms, "train", "step")
         rows.append([r.id, r.job_name, str(st.get("kind", "")), state, str(st.get("backend", "")),
                      str(st.get("started_at") or st.get("created_at") or "")[:19].replace("T", " "),
-                     "" if step is None else str(step), "" if acc is None else f"{acc:.3f}"])
+                     "" if step is None else str(step), "" if acc is None else f"{acc:.3f}", best_cell(r, ms)])
     return rows, unreadable
+
+
+def best_cell(r: Run, metrics: list[dict[str, Any]]) -> str:
+    """The best checkpoint's validation accuracy and step: the one `runner promote` takes by default (the
+    trainer's best pointer; else the highest accuracy after step 0)."""
+    from runner.registry.evidence import _best_pointer, step_of
+
+    vals = {int(m["step"]): float(m["accuracy"]) for m in metrics if m.get("split") == "val"
+            and isinstance(m.get("accuracy"), (int, float)) and isinstance(m.get("step"), int) and m["step"] > 0}
+    best = _best_pointer(r)
+    step = step_of(best) if best is not None else None
+    if step is None or step not in vals:
+        if not vals:
+            return ""
+        step = max(vals, key=lambda s: (vals[s], s))
+    return f"{vals[step]:.3f} @{step}"
 
 
 def last(metrics: list[dict[str, Any]], split: str, key: str) -> Any:

@@ -33,6 +33,9 @@ def _without_later_defaults(node: Any) -> Any:
 def spec_hash(data: dict[str, Any]) -> str:
     """Hash of what a job computes: stable across key order, comments and free-text fields."""
     d = {k: v for k, v in data.items() if k not in ("description", "tags")}
+    if isinstance(d.get("logging"), dict) and "mlflow" in d["logging"]:
+        # Where a run is tracked never changes what it computes: turning tracking on still resumes it.
+        d["logging"] = {k: v for k, v in d["logging"].items() if k != "mlflow"}
     if isinstance(d.get("resources"), dict):
         # Hashed in the flat layout resources had before its backend sections: runs from before keep their
         # hash, so they still resume, compare and trace as the same spec.
