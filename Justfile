@@ -1,6 +1,10 @@
 # qa-runner tasks. Every recipe bootstraps .venv on first use (idempotent; later calls add well under 2 s).
 set shell := ["bash", "-euo", "pipefail", "-c"]
 set positional-arguments
+# The CLI's own messages are the output: no echo of each command, no "recipe failed on line N" after an error
+# (the exit code is still the command's).
+set quiet
+set no-exit-message
 
 py := ".venv/bin/python"
 

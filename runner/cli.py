@@ -439,7 +439,7 @@ def registry_verify(ref: str = typer.Argument(..., help="NAME, NAME@alias or NAM
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # a command's typer.Exit(code) comes back as its code
     except Exit as e:
         if e.message:
             err(e.message)
@@ -462,4 +462,4 @@ def main(argv: list[str] | None = None) -> None:
             err(f"error: {e}")
             sys.exit(EXIT_INVALID)
         raise
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -55,6 +55,28 @@ class Entry:
                 if m.get("split") == "val" and isinstance(m.get("accuracy"), (int, float))]
         return max(vals) if vals else None
 
+    def job(self) -> dict[str, Any]:
+        """The run's resolved job (job.yaml), or {} for a bare eval.json."""
+        d = self.path if self.path.is_dir() else self.path.parent
+        try:
+            from ruamel.yaml import YAML
+
+            data = YAML(typ="safe").load((d / "job.yaml").read_text())
+            return data if isinstance(data, dict) else {}
+        except Exception:  # a missing or damaged job.yaml leaves only the hyperparameter diff empty
+            return {}
+
+    @property
+    def chance(self) -> float | None:
+        """Accuracy of guessing among each question's choices (from the per-question rows)."""
+        from runner.registry.evidence import letter_facts
+
+        rows: Any = self.eval
+        d = self.path if self.path.is_dir() else self.path.parent
+        if rows is None and (d / "val_step0.json").is_file():
+            rows = _read_json(d / "val_step0.json")
+        return letter_facts(rows)[1] if rows else None
+
     def by_difficulty(self) -> dict[str, float]:
         rows = (self.eval or {}).get("by_difficulty") or {}
         return {k: float(v["accuracy"]) for k, v in rows.items() if isinstance(v, dict) and "accuracy" in v}
@@ -194,6 +216,32 @@ def table_rows(entries: list[Entry]) -> list[list[str]]:
 HEADERS = ["run / eval", "kind", "model", "n", "accuracy % [95% CI]", "easy", "medium", "hard", "ECE", "tokens seen"]
 
 
+def legend_names(entries: list[Entry]) -> list[str]:
+    """Job names for legends; a run id suffix only where two entries share a job name."""
+    jobs = [str(e.job().get("name") or e.label.split("/")[0]) for e in entries]
+    return [f"{j} ({e.label.rsplit('-', 1)[-1]})" if jobs.count(j) > 1 else j
+            for j, e in zip(jobs, entries, strict=True)]
+
+
+IGNORED_PARAMS = ("name", "description", "spec_hash")
+
+
+def param_diff(entries: list[Entry]) -> list[list[str]]:
+    """The resolved job fields (dotted) whose values differ between the entries: [field, value per entry]."""
+    from runner.tracking import flatten
+
+    flat = [flatten({k: v for k, v in e.job().items() if k not in IGNORED_PARAMS}) for e in entries]
+    if len(entries) < 2 or not any(flat):
+        return []
+    keys = sorted(set().union(*flat))
+    rows = []
+    for k in keys:
+        vals = [f.get(k, "-") for f in flat]
+        if len(set(vals)) > 1:
+            rows.append([k, *[v if len(v) <= 40 else v[:37] + "..." for v in vals]])
+    return rows
+
+
 def paired_tests(entries: list[Entry]) -> list[dict[str, Any]]:
     """McNemar of each eval against the first one that has per-question predictions, on their shared ids."""
     with_preds = [(e, c) for e in entries if (c := e.correct())]
@@ -229,13 +277,25 @@ def print_report(entries: list[Entry], tests: list[dict[str, Any]]) -> None:
     for row in table_rows(entries):
         table.add_row(*row)
     console.print(table)
+    diff = param_diff(entries)
+    if diff:
+        hp = Table(title="what differs (resolved jobs)")
+        hp.add_column("field")
+        for name in legend_names(entries):
+            hp.add_column(name)
+        for row in diff:
+            hp.add_row(*row)
+        console.print(hp)
+    elif len(entries) >= 2 and all(e.job() for e in entries):
+        console.print("what differs: nothing in the resolved jobs (same hyperparameters; seeds and data included)")
     for t in tests:
         if t["disjoint"]:
-            console.print(f"McNemar {t['second']} vs {t['first']}: {verdict(t)}")
+            console.print(f"McNemar, {t['second']} against {t['first']}: {verdict(t)}", soft_wrap=True)
         else:
             console.print(
-                f"McNemar {t['second']} vs {t['first']}: {verdict(t)}; {t['n']} shared questions, "
-                f"{t['only_second']} right only in the second, {t['only_first']} only in the first [{t['method']}]"
+                f"McNemar, {t['second']} against {t['first']}: {verdict(t)}.\n"
+                f"  {t['n']} shared questions: {t['only_second']} right only in {t['second']}, "
+                f"{t['only_first']} right only in {t['first']} [{t['method']}]", soft_wrap=True,
             )
     evals = [e for e in entries if e.eval is not None]
     if len(evals) >= 2 and not tests:
@@ -243,39 +303,92 @@ def print_report(entries: list[Entry], tests: list[dict[str, Any]]) -> None:
 
 
 def write_png(entries: list[Entry], path: Path) -> None:
-    """Accuracy per entry, overall and by difficulty, with 95% intervals on the overall bar."""
+    """Accuracy per entry, overall and by difficulty, with 95% intervals on the overall bar, the chance rate
+    as a dashed line, and a hatched empty bar where a value was not measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    groups = ["overall", *DIFFICULTIES]
+    width = 0.8 / max(len(entries), 1)
+    names = legend_names(entries)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 0.4 * len(entries)), 4.5))
+    missing = False
+    for i, e in enumerate(entries):
+        diff = e.by_difficulty()
+        vals = [e.accuracy, *[diff.get(d) for d in DIFFICULTIES]]
+        xs = [g + (i - (len(entries) - 1) / 2) * width for g in range(len(groups))]
+        ys = [100 * v if v is not None else 0.0 for v in vals]
+        bars = ax.bar(xs, ys, width, label=names[i])
+        color = bars[0].get_facecolor()
+        if e.accuracy is not None and e.n:
+            lo, hi = wilson_interval(round(e.accuracy * e.n), e.n)
+            ax.errorbar(xs[0], ys[0], yerr=[[ys[0] - 100 * lo], [100 * hi - ys[0]]], fmt="none", ecolor="k", capsize=3)
+        for x, v in zip(xs, vals, strict=True):
+            if v is None:  # a full-height outline, hatched in the entry's colour: visibly "no value", not "0%"
+                missing = True
+                ax.bar(x, 100, width, facecolor="none", edgecolor=color, hatch="///", linewidth=0.8)
+    chances = {round(c, 4) for e in entries if (c := e.chance) is not None}
+    if len(chances) == 1:
+        ax.axhline(100 * chances.pop(), color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    handles, labels = ax.get_legend_handles_labels()
+    if missing:
+        handles.append(Patch(facecolor="none", edgecolor="grey", hatch="///"))
+        labels.append("not measured")
+    ax.legend(handles, labels, fontsize=7)
+    ax.set_title("accuracy (overall with 95% CI)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_curves(entries: list[Entry], path: Path) -> bool:
+    """Validation accuracy (0-100%, with the chance rate) and validation loss over training steps, one line per
+    run; False when no entry has validation rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = ["overall", *DIFFICULTIES]
-    width = 0.8 / max(len(entries), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 0.4 * len(entries)), 4.5))
-    for i, e in enumerate(entries):
-        diff = e.by_difficulty()
-        vals = [e.accuracy, *[diff.get(d) for d in DIFFICULTIES]]
-        xs = [g + (i - (len(entries) - 1) / 2) * width for g in range(len(groups))]
-        ys = [100 * v if v is not None else 0 for v in vals]
-        bars = ax.bar(xs, ys, width, label=e.label)
-        if e.accuracy is not None and e.n:
-            lo, hi = wilson_interval(round(e.accuracy * e.n), e.n)
-            ax.errorbar(xs[0], ys[0], yerr=[[ys[0] - 100 * lo], [100 * hi - ys[0]]], fmt="none", ecolor="k", capsize=3)
-        for b, v in zip(bars, vals, strict=True):
-            if v is None:
-                b.set_hatch("//")
-                b.set_alpha(0.2)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.set_title("accuracy (overall with 95% CI; hatched = not measured)")
+    series = []
+    for e, name in zip(entries, legend_names(entries), strict=True):
+        val = [m for m in e.metrics if m.get("split") == "val" and isinstance(m.get("step"), int)]
+        if val:
+            series.append((name, e.chance, val))
+    if not series:
+        return False
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, _, val in series:
+        pts = [(m["step"], 100 * m["accuracy"]) for m in val if isinstance(m.get("accuracy"), (int, float))]
+        acc_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        pts = [(m["step"], m["loss"]) for m in val if isinstance(m.get("loss"), (int, float))]
+        loss_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    chances = {round(c, 4) for _, c, _ in series if c is not None}
+    if len(chances) == 1:
+        acc_ax.axhline(100 * chances.pop(), color="grey", linestyle="--", linewidth=1, label="chance")
+    acc_ax.set_ylim(0, 100)  # the whole scale: a 0.4-point wobble stays a wobble
+    acc_ax.set(xlabel="step", ylabel="validation accuracy (%)", title="validation accuracy")
+    loss_ax.set_ylim(bottom=0)
+    loss_ax.set(xlabel="step", ylabel="validation loss", title="validation loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -302,6 +415,9 @@ def compare_main(refs: list[str], out_png: str | None) -> int:
     try:
         write_png(entries, png)
         print(f"chart: {png}")
+        curves = png.with_name(png.stem + "-curves.png")
+        if write_curves(entries, curves):
+            print(f"curves: {curves}")
     except ImportError:
         print("warning: matplotlib is not installed; no chart written", file=sys.stderr)
     except OSError as e:

@@ -142,16 +142,32 @@ def plots(r: Run, ms: list[dict[str, Any]]) -> list[Path]:
         print("warning: matplotlib is not installed; no loss/accuracy plots (pip install matplotlib)", file=sys.stderr)
         return []
     out = []
-    for name, split, key in (("loss.png", "train", "loss"), ("accuracy.png", "val", "accuracy")):
-        pts = [(m["step"], m[key]) for m in ms if m.get("split") == split and key in m and "step" in m]
-        if not pts:
+    for name, key in (("loss.png", "loss"), ("accuracy.png", "accuracy")):
+        series = {split: [(m["step"], m[key]) for m in ms if m.get("split") == split and key in m and "step" in m]
+                  for split in ("train", "val")}
+        if not any(series.values()):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None)
+        for split, pts in series.items():
+            if pts:
+                scale = 100 if key == "accuracy" else 1
+                ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                        label=f"{split} {key}")
+        if key == "accuracy":
+            from runner.registry.evidence import letter_facts
+
+            chance = letter_facts(read_json(r.dir / "val_step0.json") or {})[1]
+            if chance is not None:
+                ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.set_ylim(0, 100)  # the whole scale: a 0.4-point wobble is not drawn as a cliff
+            ax.set_ylabel("accuracy (%)")
+        else:
+            ax.set_ylim(bottom=0)
+            ax.set_ylabel("loss")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"{split} {key}")
         ax.set_title(f"{r.job_name} {r.id}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(r.dir / name, dpi=100)
         plt.close(fig)

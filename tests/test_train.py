@@ -92,5 +92,6 @@ def test_the_final_report_tests_the_gain_against_step_0(tmp_path: Path) -> None:
     write_step0_predictions(tmp_path, preds(0, set(range(10))))
     # 10 right at step 0; at the end those 10 and 20 more: 20 newly right, none newly wrong (exact binomial: 2^-19)
     line = gain_report(tmp_path, preds(60, set(range(30))))
-    assert line == "McNemar vs step 0: p=1.91e-06 (exact; 20 questions newly right, 0 newly wrong)"
+    assert line == ("McNemar, step 60 against step 0 on 40 held-out questions: 20 right only at step 60, "
+                    "0 right only at step 0; p=1.91e-06 (exact)")
     assert gain_report(tmp_path, {"step": 60, "predictions": [{"id": "other", "correct": True}]}) == ""

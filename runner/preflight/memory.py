@@ -53,6 +53,16 @@ class Component:
     note: str
 
 
+def params_text(n: float) -> str:
+    """A parameter count at a readable scale: 812.3 k, 134.5 M, 7.62 B (a tiny model is not `0.00 B`)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n / 1e3:.1f} k"
+
+
+
 def lora_params(arch: Arch, s: Setup) -> int:
     shapes = arch.linear_shapes()
     return arch.layers * sum(s.lora_r * (i + o) * n for t, (i, o, n) in shapes.items() if t in s.lora_targets)
@@ -77,9 +87,9 @@ def estimate(arch: Arch, s: Setup) -> list[Component]:
         linear = arch.layers * (arch.layer_params() - 2 * arch.hidden)
         wbytes = linear * (s.quant_bits / 8 + 4 / 64) + (P - linear) * 2
         out.append(Component(f"weights ({s.quant_bits}-bit)", wbytes / shard,
-                             f"{P / 1e9:.2f} B params, linear layers at {s.quant_bits} bits"))
+                             f"{params_text(P)} params, linear layers at {s.quant_bits} bits"))
     else:
-        note = f"{P / 1e9:.2f} B params x {b} bytes = {P * b / 1e9:.1f} GB" + (
+        note = f"{params_text(P)} params x {b} bytes = {P * b / 1e9:.1f} GB" + (
             f" / {shard} GPUs (FSDP)" if shard > 1 else "")
         out.append(Component(f"weights ({s.dtype})", P * b / shard, note))
     if shard > 1:  # FSDP gathers a layer (and prefetches the next) in full

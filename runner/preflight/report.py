@@ -16,7 +16,7 @@ from runner.backends.base import EnvironmentProblem
 if TYPE_CHECKING:
     from runner.plan import Plan
     from runner.spec import Job
-from runner.preflight.memory import Component, GiB, Setup, estimate, suggest, total
+from runner.preflight.memory import Component, GiB, Setup, estimate, params_text, suggest, total
 from runner.preflight.probe import GPU_MEMORY_GIB, GPU_VENDOR, Hardware, probe_hardware
 from runner.preflight.shapes import Arch, model_arch
 
@@ -82,7 +82,7 @@ class Report:
         if self.arch is not None:
             a = self.arch
             moe = f", {a.experts} experts ({a.experts_per_tok} per token)" if a.experts else ""
-            lines.append(f"model: {a.name} from {a.source}: {a.params() / 1e9:.2f} B params, {a.layers} layers, "
+            lines.append(f"model: {a.name} from {a.source}: {params_text(a.params())} params, {a.layers} layers, "
                          f"hidden {a.hidden}, vocab {a.vocab}{moe}")
         if self.setup is not None:
             s = self.setup

@@ -62,6 +62,7 @@ from runner.workloads.training.progress import (
     gain_report,
     peak_flops,
     quiet_libraries,
+    stop_reason,
     write_step0_predictions,
 )
 from runner.workloads.training.schedule import lr_lambda
@@ -422,7 +423,7 @@ def run(job: Any, run_dir: Path) -> int:
         if trainer.stop_signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         trainer.stop_signal = signum
-        print(f"received signal {signum}: finishing this step and saving a checkpoint", flush=True)
+        print(f"received {stop_reason(signum)}: finishing this step and saving a checkpoint", flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

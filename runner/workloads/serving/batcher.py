@@ -6,7 +6,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.workloads.agents.answer import AnswerAgent, AnswerItem
@@ -23,6 +23,15 @@ class _Entry:
     items: list[AnswerItem]
     deadline: float
     future: concurrent.futures.Future[list[dict[str, Any]]]
+    queued_at: float = field(default_factory=time.monotonic)
+    behind: int = 0  # requests queued or being scored when it arrived: 0 on an idle service
+
+
+def _late(e: _Entry, now: float) -> str:
+    """Why a request got the fallback before scoring: its budget, its wait, and whether others were ahead."""
+    ahead = f"{e.behind} batch(es) ahead of it" if e.behind else "the service was otherwise idle"
+    return (f"its {e.deadline - e.queued_at:.3g} s deadline passed before scoring began (waited "
+            f"{now - e.queued_at:.3g} s; {ahead})")
 
 
 def _settle(fut: concurrent.futures.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -57,6 +66,7 @@ class MicroBatcher:
         self.fallbacks = 0
         self.last_batch = 0  # questions in the last pass
         self.on_batch: Any = None  # called with each pass's number of questions (metrics)
+        self._in_pass = 0  # 1 while a forward pass runs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -76,7 +86,7 @@ class MicroBatcher:
     def submit(self, items: list[AnswerItem], deadline: float) -> concurrent.futures.Future[list[dict[str, Any]]]:
         fut: concurrent.futures.Future[list[dict[str, Any]]] = concurrent.futures.Future()
         try:
-            self.queue.put_nowait(_Entry(items, deadline, fut))
+            self.queue.put_nowait(_Entry(items, deadline, fut, behind=self.queue.qsize() + self._in_pass))
         except queue.Full:
             raise QueueFull from None
         return fut
@@ -114,18 +124,21 @@ class MicroBatcher:
                     continue
                 if e.deadline <= now:
                     self.fallbacks += len(e.items)
-                    _settle(e.future, [self.agent.fallback(it, "deadline passed in the queue") for it in e.items])
+                    _settle(e.future, [self.agent.fallback(it, _late(e, now)) for it in e.items])
                 else:
                     live.append(e)
             if not live:
                 continue
             items = [it for e in live for it in e.items]
+            self._in_pass = 1
             try:
                 answers = self.agent.answer_many(items, min(e.deadline for e in live))
             except Exception as ex:  # a bad batch must not kill the worker; each request gets the error
                 for e in live:
                     _settle(e.future, error=ex)
                 continue
+            finally:
+                self._in_pass = 0
             self.batches += 1
             self.items += len(items)
             self.last_batch = len(items)

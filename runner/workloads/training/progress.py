@@ -130,6 +130,17 @@ def write_step0_predictions(run_dir: Path, predictions: dict[str, Any]) -> None:
     atomic_write(run_dir / STEP0_PREDICTIONS, json.dumps(predictions) + "\n")
 
 
+def stop_reason(signum: int) -> str:
+    """What a stop signal means to the person who sent it (the runner turns Ctrl-C into SIGTERM)."""
+    import signal
+
+    if signum == signal.SIGINT:
+        return "Ctrl-C (SIGINT)"
+    if signum == signal.SIGTERM:
+        return "a stop request (SIGTERM: Ctrl-C in the runner, `runner cancel`, or the scheduler)"
+    return f"signal {signum}"
+
+
 def gain_report(run_dir: Path, final: dict[str, Any] | None) -> str:
     """McNemar's paired test of the final validation against step 0, as text for the last log line ('' when the
     step-0 results are missing or cover other questions)."""
@@ -146,8 +157,9 @@ def gain_report(run_dir: Path, final: dict[str, Any] | None) -> str:
     if set(first) != set(last):
         return ""
     r = paired_mcnemar(first, last)
-    return (f"McNemar vs step 0: p={r.p_value:.3g} ({r.method}; {r.only_second} questions newly right, "
-            f"{r.only_first} newly wrong)")
+    at = f"step {final['step']}" if isinstance(final.get("step"), int) else "the end"
+    return (f"McNemar, {at} against step 0 on {r.n} held-out questions: {r.only_second} right only at {at}, "
+            f"{r.only_first} right only at step 0; p={r.p_value:.3g} ({r.method})")
 
 
 def quiet_libraries() -> None:
