@@ -76,13 +76,18 @@ def _accelerate_config(job: Job, flavour: str) -> str | None:
     if job.kind != "train":
         return None
     res = spec.resources
-    world = res.nodes * max(res.gpus, 1)
-    distributed = "FSDP" if world > 1 else "NO"
+    world = res.world_size()
+    if world == 1:
+        distributed = "NO"
+    elif res.strategy == "fsdp" or (res.strategy == "auto" and res.gpus > 0):
+        distributed = "FSDP"
+    else:
+        distributed = "MULTI_GPU"  # also for CPU ranks: accelerate launches MULTI_CPU as a single process
     mixed = "no" if res.gpus == 0 or spec.model.dtype in ("fp32",) else ("fp16" if spec.model.dtype == "fp16" else "bf16")
     return render_template(
         "accelerate.yaml.j2", name=job.name, nodes=res.nodes, gpus=res.gpus, flavour=flavour,
         distributed_type=distributed, mixed_precision=mixed, layer_cls=_layer_class(spec.model.base),
-        gradient_checkpointing=spec.model.gradient_checkpointing,
+        gradient_checkpointing=spec.model.gradient_checkpointing, processes=res.processes, world=world,
     )
 
 
@@ -116,11 +121,12 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
 
     accel = _accelerate_config(job, flavour)
     res = spec.resources
-    multi = res.nodes > 1 or res.gpus > 1
+    multi = res.world_size() > 1
     if accel is not None and (multi or res.gpus >= 1):
-        argv = ["accelerate", "launch", "--config_file", "plan/accelerate.yaml", "-m", "runner.workloads"]
-        # Relative to the run directory; the entrypoint and backends pass it absolute.
-        argv[3] = "${RUNNER_RUN_DIR}/plan/accelerate.yaml"
+        # Relative to the run directory; the entrypoint and backends pass it absolute. --quiet: a rank that fails
+        # leaves the launcher's summary of which rank ended how, not its own traceback on top of the rank's error.
+        argv = ["accelerate", "launch", "--quiet", "--config_file", "${RUNNER_RUN_DIR}/plan/accelerate.yaml",
+                "-m", "runner.workloads"]
     else:
         argv = ["python", "-m", "runner.workloads"]
     if res.nodes > 1:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.spec.data_sources import ColumnMap, source_problem
+from runner.spec.resource_keys import MOVED_RESOURCES, RANK_DEFAULTS, flat_resources, move_flat_resources  # noqa: F401
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -113,53 +114,6 @@ class ContainerResources(Section):
         return must_match(REGISTRY_RE, v, "a registry prefix like registry.example.com:5000/team")
 
 
-# The flat keys `resources` had before its backend sections, and the section and key each moved to. Job files
-# and stored runs that use them still load (the loader warns about them in job files).
-MOVED_RESOURCES: dict[str, tuple[str, str]] = {
-    "partition": ("slurm", "partition"),
-    "account": ("slurm", "account"),
-    "time": ("slurm", "time"),
-    "slurm_container": ("slurm", "container"),
-    "namespace": ("kubernetes", "namespace"),
-    "storage_class": ("kubernetes", "storage_class"),
-    "storage_gb": ("kubernetes", "storage_gb"),
-    "volume_claim": ("kubernetes", "volume_claim"),
-    "shm_gb": ("container", "shm_gb"),
-    "registry": ("container", "registry"),
-}
-
-
-def move_flat_resources(res: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`res` with its flat keys from MOVED_RESOURCES moved into their sections, and the keys it moved.
-
-    A key that is also given in its section, or whose section is not a mapping, stays where it is for the
-    model to report."""
-    out = dict(res)
-    moved = []
-    for old, (section, key) in MOVED_RESOURCES.items():
-        if old not in out:
-            continue
-        sec = out.get(section, {})
-        if not isinstance(sec, dict) or key in sec:
-            continue
-        out[section] = {**sec, key: out.pop(old)}
-        moved.append(old)
-    return out, moved
-
-
-def flat_resources(res: dict[str, Any]) -> dict[str, Any]:
-    """`res` (a dumped Resources) in the flat layout of before the sections: what spec hashes are computed over."""
-    out = dict(res)
-    for old, (section, key) in MOVED_RESOURCES.items():
-        sec = out.get(section)
-        if isinstance(sec, dict) and key in sec:
-            sec = out[section] = {k: v for k, v in sec.items() if k != key}
-            out[old] = res[section][key]
-            if not sec:
-                del out[section]
-    return out
-
-
 class Resources(Section):
     gpus: int = Field(0, ge=0, le=64, description="GPUs per node (0 = CPU only).")
     nodes: int = Field(1, ge=1, le=1024, description="Number of nodes (machines); >1 needs slurm or kubernetes.")
@@ -171,6 +125,17 @@ class Resources(Section):
     )
     cpus: int | None = Field(None, ge=1, description="CPU cores per node to request.")
     memory_gb: int | None = Field(None, ge=1, description="Host memory per node to request, in GB.")
+    processes: int = Field(
+        1, ge=1, le=64, description="Ranks per node on CPU (gpus: 0), on gloo; with GPUs each GPU is one rank."
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How several ranks hold the model: ddp (a replica each) or fsdp (sharded); "
+        "auto = fsdp on GPUs, ddp on CPU."
+    )
+    collective_timeout_s: int = Field(
+        600, ge=10, le=86400,
+        description="Seconds a rank waits in a collective before the run fails: a dead rank ends it, never hangs it.",
+    )
     slurm: SlurmResources = Field(
         default_factory=SlurmResources, description="Slurm only: partition, account, time limit, container runtime."
     )
@@ -195,6 +160,20 @@ class Resources(Section):
                 raise At(old, f"resources.{old} and resources.{section}.{key} are both given; remove "
                               f"resources.{old} (it moved to resources.{section}.{key})")
         return data
+
+    @model_validator(mode="after")
+    def _ranks(self) -> Resources:
+        if self.processes > 1 and self.gpus > 0:
+            raise At("processes", f"resources.processes={self.processes} is for CPU ranks (gpus: 0); with GPUs each "
+                                  "GPU is one rank: remove processes and set gpus to the ranks per node")
+        if self.strategy == "fsdp" and self.gpus == 0 and self.world_size() > 1:
+            raise At("strategy", "resources.strategy fsdp needs GPUs: accelerate shards only GPU ranks, so CPU "
+                                 "ranks would silently train as ddp; use strategy ddp (or auto) with gpus: 0")
+        return self
+
+    def world_size(self) -> int:
+        """Ranks in all: one per GPU, or `processes` per node on CPU."""
+        return self.nodes * (self.gpus if self.gpus > 0 else self.processes)
 
 
 class Mount(Section):

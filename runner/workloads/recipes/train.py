@@ -96,7 +96,19 @@ class Trainer(Checkpointing):
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.acc = Accelerator()
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # A rank that dies leaves the others in a collective: they fail after this timeout instead of hanging.
+        timeout = timedelta(seconds=self.spec.resources.collective_timeout_s)
+        res = self.spec.resources
+        # CPU ranks (gpus: 0, several processes) join over gloo; accelerate's launcher starts them like GPU ranks.
+        cpu_ranks = res.gpus == 0 and res.world_size() > 1
+        self.acc = Accelerator(cpu=cpu_ranks, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+        if self.acc.num_processes != res.world_size() and res.world_size() > 1:
+            raise DataError(f"resources ask for {res.world_size()} ranks but {self.acc.num_processes} started: "
+                            "launch with the run's plan/accelerate.yaml (`runner run` does)")
         self.main = self.acc.is_main_process
         self.device = self.acc.device
         self.metrics = Metrics(
@@ -314,6 +326,17 @@ class Trainer(Checkpointing):
             "difficulty_n": len(diffs),
         }
 
+    def stopping(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT: every rank must stop after the same step, or the others would wait
+        in the next step's collectives for it."""
+        if self.acc.num_processes == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
+        got = int(self.acc.reduce(flag, reduction="sum").item())
+        if got and self.stop_signal is None:
+            self.stop_signal = int(signal.SIGTERM)
+        return bool(got)
+
     def _mean_loss(self, local: float) -> float:
         t = torch.tensor([local], device=self.device)
         return float(self.acc.reduce(t, reduction="sum").item())
@@ -339,7 +362,7 @@ class Trainer(Checkpointing):
         t_start = time.perf_counter()
         step = start
         with progress:
-            while step < t.steps and self.stop_signal is None:
+            while step < t.steps and not self.stopping():
                 out = self.train_step(step)
                 step += 1
                 for k in ("tokens", "replay_tokens", "samples", "difficulty_sum", "difficulty_n"):
@@ -437,6 +460,16 @@ def run(job: Any, run_dir: Path) -> int:
         return 1
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        acc = getattr(trainer, "acc", None)
+        if acc is None or acc.num_processes == 1:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"error: rank {acc.process_index} of {acc.num_processes}: a collective failed ({first}). Most often "
+              f"another rank died or stopped answering (collectives time out after "
+              f"{trainer.spec.resources.collective_timeout_s}s); run the same job again to resume from the last "
+              "complete checkpoint", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

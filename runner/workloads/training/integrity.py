@@ -120,7 +120,8 @@ def load_checkpoint(ckpt: Path, world: int, rank_suffix: str) -> Loaded:
     if written_by != world:
         raise CheckpointError(
             f"checkpoint {ckpt.name} was written by {written_by} process(es), this run has {world}; "
-            "resume with the same resources (gpus x nodes), or start anew with `runner run --fresh`"
+            f"resume with the same resources ({written_by} ranks: resources.gpus, or resources.processes on CPU, "
+            "times resources.nodes), or start anew with `runner run --fresh`"
         )
 
     def pickled(p: Path) -> Any:
