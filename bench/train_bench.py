@@ -188,7 +188,7 @@ def bench_model(base_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     base, tok, exs = load(base_name, args.samples, args.max_len)
     pad = tok.pad_token_id
-    budget = STEP * max(map(len, exs))  # one micro-batch per step unless the step mixes very different lengths
+    budget = args.budget  # padded tokens per micro-batch in the grouped layout (the trainer's batch_size x max_seq_len)
     layout = resolve_layout("auto", True, "cpu")
     assert layout == "grouped", layout
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated: tiny, smollm2-135m")
     ap.add_argument("--samples", type=int, default=0, help="samples per model (default: tiny 256, smollm2 64)")
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=1024,
+                    help="our micro-batch in padded tokens (train.batch_size x train.max_seq_len; 4 x 256 here)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     args = ap.parse_args()
