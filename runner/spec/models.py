@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from runner.spec.data_sources import ColumnMap, source_problem
 from runner.spec.resource_keys import MOVED_RESOURCES, RANK_DEFAULTS, flat_resources, move_flat_resources  # noqa: F401
@@ -47,11 +47,8 @@ class At(ValueError):
 LORA_TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class Section(BaseModel):
-    # Strict: `lr: "3e-3"`, `steps: true` and `batch_size: 2.0` are mistakes to report, not values to coerce;
-    # and no number in a job is infinite or NaN.
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, strict=True, allow_inf_nan=False)
-
+from runner.spec.section import Section  # noqa: E402  (re-exported: every section module uses it)
+from runner.spec.train import TrainSpec  # noqa: E402
 
 # --- where and how it runs -------------------------------------------------------------------------
 
@@ -401,9 +398,6 @@ class LoggingSpec(Section):
 # --- jobs --------------------------------------------------------------------------------------------
 
 Backend = Literal["local", "docker", "slurm", "kubernetes"]
-
-
-from runner.spec.train import TrainSpec  # noqa: E402  (needs Section above)
 
 
 class JobBase(Section):

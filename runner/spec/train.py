@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from runner.spec.models import Section
+from runner.spec.section import Section
 
 
 class TrainSpec(Section):
