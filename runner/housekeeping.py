@@ -145,7 +145,10 @@ def matches(r: Run, kinds: list[str], tags: list[tuple[str, str]]) -> bool:
     if kinds and str(st.get("kind", "")) not in kinds:
         return False
     if tags:
-        have = r.job_data().get("tags") or {}
+        try:
+            have = r.job_data().get("tags") or {}
+        except Exception:  # a damaged job.yaml: the run has no tags to match (ls still lists it unfiltered)
+            return False
         if not all(str(have.get(k)) == v for k, v in tags):
             return False
     return True

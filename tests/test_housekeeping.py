@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
 from runner.runs import RunStore
 from tests.conftest import run_cli
 from tests.test_registry import adapters as adapters  # noqa: F401,F811  (a fixture)
@@ -75,8 +77,10 @@ def test_ls_filters_and_shows_the_best_beside_the_final_accuracy(runner_home: Pa
     a = make_run(runner_home, adapters, "qa", acc={10: 0.8, 20: 0.6}, best=10)
     b = make_run(runner_home, adapters, "other", acc={10: 0.4, 20: 0.5})
     job = RunStore(runner_home).get(b).dir / "job.yaml"
-    job.write_text(job.read_text() + "tags:\n  team: blue\n")
-    RunStore(runner_home).get(b).set_state("failed", exit_code=1)
+    data = yaml.safe_load(job.read_text())
+    job.write_text(yaml.safe_dump({**data, "tags": {"team": "blue"}}))
+    st = RunStore(runner_home).get(b).dir / "status.json"
+    st.write_text(json.dumps({**json.loads(st.read_text()), "state": "failed", "exit_code": 1}))
 
     rows = {r[0]: r for r in _ls()}
     ra = rows[a.split("/")[1]]
