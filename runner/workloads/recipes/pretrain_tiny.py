@@ -164,8 +164,12 @@ def ensure_tiny_base(tiny: TinyModel, cache_dir: Path | None = None, log: Any = 
         model = build_tiny_model(tiny, len(tok), tok.pad_token_id)
         facts = pretrain_tiny(model, tok, tiny, log)
         torch.set_num_threads(threads)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, is_main_process=True)
         tok.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # transformers skips the weights on a rank other than 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError("the tiny base was not saved (built on a process other than rank 0); build it on "
+                               "rank 0 first")
         facts["settings"] = tiny.model_dump()
         (tmp / "pretrain.json").write_text(json.dumps(facts, indent=2) + "\n")
         fsync_tree(tmp)

@@ -127,8 +127,11 @@ class Trainer(Checkpointing):
             f"data: {len(self.train_recs)} train, {len(self.val_recs)} validation, {len(replay)} replay records"
         )
 
-        self.base_path = base_model_path(self.spec.model, runner_cache(), self.log)
-        model, self.tok = load_model_and_tokenizer(self.spec.model, self.device, runner_cache(), self.log)
+        # An offline base (tiny, smollm2) is built on first use: by the main process, while the other ranks wait
+        # (transformers writes model weights only on rank 0 once torch.distributed is up).
+        with self.acc.main_process_first():
+            self.base_path = base_model_path(self.spec.model, runner_cache(), self.log)
+            model, self.tok = load_model_and_tokenizer(self.spec.model, self.device, runner_cache(), self.log)
         self.prompt = PromptStyle.of(self.spec.prompt)
         try:
             prompter(self.tok, self.prompt)
