@@ -140,10 +140,17 @@ def gc_main(job: str | None, yes: bool) -> int:
 
 
 def matches(r: Run, kinds: list[str], tags: list[tuple[str, str]]) -> bool:
-    """`runner ls --kind/--tag` (repeatable: any of the kinds, all of the tags)."""
-    st: dict[str, Any] = r.status()
-    if kinds and str(st.get("kind", "")) not in kinds:
-        return False
+    """`runner ls --kind/--tag` (repeatable: any of the kinds, all of the tags). A run whose status cannot be
+    read matches no kind filter; without one it is kept, for `ls` to name it as unreadable."""
+    from runner.runs import RunError
+
+    if kinds:
+        try:
+            st: dict[str, Any] = r.status()
+        except RunError:
+            return False
+        if str(st.get("kind", "")) not in kinds:
+            return False
     if tags:
         try:
             have = r.job_data().get("tags") or {}
