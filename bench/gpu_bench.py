@@ -115,7 +115,7 @@ def run_method(name: str, base: Any, steps: list[list[Example]], warm: int, budg
     model = copy.deepcopy(base)
     if name == "ours" and layout == "varlen" and not enable_packed_attention(model):
         layout = "grouped"
-    model = _lora(model)
+    model = tb.with_lora(model, copy_base=False)  # `model` is already this method's copy
     if name.startswith("ours"):
         fuse_lora(model)
     if name == "ours_grouped_compiled":
@@ -162,16 +162,6 @@ def run_method(name: str, base: Any, steps: list[list[Example]], warm: int, budg
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return row
-
-
-def _lora(model: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    m = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tb.TARGETS,
-                                         task_type="CAUSAL_LM"))
-    m.train()
-    return m
 
 
 def main() -> None:

@@ -82,11 +82,12 @@ def load(base: str, n: int, max_len: int) -> tuple[Any, Any, list[Example]]:
     return model, tok, [encode_mcq(tok, r, max_len, prompt_style=style) for r in recs]
 
 
-def with_lora(base: Any) -> Any:
+def with_lora(base: Any, copy_base: bool = True) -> Any:
+    """LoRA r=16 on all projections, seeded, on a copy of `base` (or on `base` itself)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    m = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+    m = get_peft_model(copy.deepcopy(base) if copy_base else base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules=TARGETS, task_type="CAUSAL_LM"))
     m.train()
     return m

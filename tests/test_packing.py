@@ -53,7 +53,7 @@ def test_mask_free_packed_rows_equal_masked_rows() -> None:
     from peft import LoraConfig, get_peft_model
 
     from runner.workloads.model.packed_attention import enable_packed_attention
-    from runner.workloads.training.packing import answer_loss_sum, varlen_training
+    from runner.workloads.training.packing import answer_loss_sum, resolve_layout
 
     torch.set_num_threads(1)
     tok = build_tiny_tokenizer()
@@ -64,7 +64,7 @@ def test_mask_free_packed_rows_equal_masked_rows() -> None:
         torch.manual_seed(0)
         base = build_tiny_model(TinyModel(hidden_size=64, layers=2, heads=4, seed=3), len(tok), tok.pad_token_id)
         assert enable_packed_attention(base)
-        assert not varlen_training(base, "cpu")  # on a CPU training keeps the mask unless told otherwise
+        assert resolve_layout("auto", True, "cpu") != "varlen"  # on a CPU training is mask-free only when told
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -281,16 +281,18 @@ class Trainer(Checkpointing):
         world, rank = self.acc.num_processes, self.acc.process_index
         n_targets = sum(len(e) - e.label_start for row in rows for e in row)
         mine = rows[rank::world]
-        per = max(1, math.ceil(len(mine) / self.grad_accum))
-        micro = [mine[i : i + per] for i in range(0, len(mine), per)]
+        micro: list[list[Any]]  # micro-batches: of rows, or (grouped) of samples
+        if self.layout == "grouped":  # the same samples, regrouped by length: micro-batches of similar lengths
+            micro = group_by_length([e for row in mine for e in row], self.row_budget)
+        else:
+            per = max(1, math.ceil(len(mine) / self.grad_accum))
+            micro = [mine[i : i + per] for i in range(0, len(mine), per)]
         self.model.train()
         loss_sum = 0.0
-        if self.layout == "grouped":  # the same samples, regrouped by length: micro-batches of similar lengths
-            micro = [[[e] for e in g] for g in group_by_length([e for row in mine for e in row], self.row_budget)]
         pad = self.tok.pad_token_id
         for i, mb in enumerate(micro):
             if self.layout == "grouped":
-                batch = collate_grouped([row[0] for row in mb], pad)
+                batch = collate_grouped(mb, pad)
             elif self.layout in ("varlen", "packed"):
                 batch = collate_packed(mb, pad, self.dtype, mask=self.layout == "packed")
             else:

@@ -195,12 +195,6 @@ def resolve_layout(layout: str, packing: bool, device: torch.device | str) -> La
 _BOOL_KEEP: bool | None = None  # does the installed transformers take a boolean `logits_to_keep`?
 
 
-def varlen_training(model: Any, device: torch.device | str) -> bool:
-    """Whether packed rows should go without a mask (`collate_packed(mask=False)`): on CUDA with PyTorch's
-    variable-length attention, for a model prepared with `packed_attention.enable_packed_attention`."""
-    return torch.device(device).type == "cuda" and varlen_available() and packed_ready(model)
-
-
 def answer_logits(model: Any, batch: Batch) -> torch.Tensor:
     """Logits [K, V] at the answer positions only: the lm_head runs on K hidden states, not B*T."""
     kw: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
