@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from runner.spec.engines import ENGINE_DESCRIPTION, EngineName, LlamaCppSpec, VllmSpec
 from runner.spec.models import PROMPT_DESCRIPTION, At, DataSource, JobBase, ModelSpec, PromptSpec, Section
 
 PROCEDURAL_TOPICS = ["seating_linear", "seating_circular", "blood_relations", "syllogisms", "alphanumeric_series"]
@@ -25,11 +26,18 @@ class AgentSource(Section):
     )
     registry: str | None = Field(None, description="A promoted artifact: `NAME@alias` or `NAME:vN`.")
     prompt: PromptSpec | None = Field(None, description=PROMPT_DESCRIPTION)
+    engine: EngineName = Field("builtin", description=ENGINE_DESCRIPTION)
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="`engine: vllm`: the `vllm serve` flags.")
+    llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec, description="`engine: llamacpp`: the GGUF and its runtime.")
 
     @model_validator(mode="after")
     def _some_source(self) -> AgentSource:
         if self.adapter is not None and self.model is None:
             raise At("adapter", "`adapter` needs `model` (the base it was trained on)")
+        if self.engine == "llamacpp" and not self.llamacpp.gguf.endswith(".gguf") and self.registry is None:
+            raise At("llamacpp", f"engine llamacpp with gguf: {self.llamacpp.gguf} reads that GGUF from a registry "
+                     "version: set `registry` (promoted with `runner promote ... --gguf "
+                     f"{self.llamacpp.gguf}`) or give llamacpp.gguf a path to a .gguf file")
         return self
 
     def has_model(self) -> bool:
