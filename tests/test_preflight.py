@@ -80,8 +80,13 @@ def test_preflight_cli_is_fast_and_never_imports_torch() -> None:
     assert out.strip() == "False"
 
 
-# Measured on one H200 with the plain HF + PEFT loop (LoRA r=16 on all seven projections, bf16, SDPA);
-# torch.cuda.max_memory_allocated in GiB, from BENCHMARKS.md.
+def plain_hf(tokens: int, gc: bool, r: int = 16, dropout: float = 0.0) -> Setup:
+    """The GPU setup of the measured plain HF + PEFT loop: loss (and full-vocabulary logits) at every position."""
+    return Setup("bf16", tokens, gc, r, ALL, dropout, 1, full_logits=True)
+
+
+# Measured on one H200 with the plain HF + PEFT loop (LoRA r=16 on all seven projections, bf16, SDPA, loss on every
+# token): torch.cuda.max_memory_allocated in GiB, from BENCHMARKS.md.
 MEASURED = [
     ("qwen2.5-0.5b", 4 * 4096, False, 64.0),
     ("qwen2.5-7b", 2 * 4096, False, 100.0),
@@ -104,21 +109,21 @@ MEASURED_H200 = [
 
 @pytest.mark.parametrize(("key", "tokens", "gc", "peak_gib"), MEASURED)
 def test_memory_model_within_15_percent_of_measured_peaks(key: str, tokens: int, gc: bool, peak_gib: float) -> None:
-    est = allocated(estimate(KNOWN[key], Setup("bf16", tokens, gc, 16, ALL, 0.0, 1)))
+    est = allocated(estimate(KNOWN[key], plain_hf(tokens, gc)))
     assert est / GiB == pytest.approx(peak_gib, rel=0.15)
 
 
 @pytest.mark.parametrize(("key", "tokens", "gc", "r", "dropout", "peak_gib"), MEASURED_H200)
 def test_memory_model_matches_remeasured_shapes(key: str, tokens: int, gc: bool, r: int, dropout: float,
                                                 peak_gib: float) -> None:
-    est = allocated(estimate(KNOWN[key], Setup("bf16", tokens, gc, r, ALL, dropout, 1)))
+    est = allocated(estimate(KNOWN[key], plain_hf(tokens, gc, r, dropout)))
     assert est / GiB == pytest.approx(peak_gib, rel=0.05)
 
 
 @pytest.mark.parametrize(("key", "batch", "peak_gib"), [("qwen2.5-0.5b", 16, 45.0), ("qwen2.5-7b", 8, 68.0)])
 def test_padded_batches_are_bounded_by_the_worst_case(key: str, batch: int, peak_gib: float) -> None:
     # Padded batches were at most 1024 tokens long: the estimate at max_seq_len is an upper bound.
-    est = allocated(estimate(KNOWN[key], Setup("bf16", batch * 1024, False, 16, ALL, 0.0, 1)))
+    est = allocated(estimate(KNOWN[key], plain_hf(batch * 1024, False)))
     assert est / GiB >= peak_gib
 
 
@@ -170,3 +175,53 @@ def test_gate_refuses_a_job_that_cannot_fit_unless_forced() -> None:
     with pytest.raises(EnvironmentProblem, match=r"DOES NOT FIT.*437\.9 GiB"):
         pf.gate(job, plan)
     assert pf.gate(job, plan, force=True) is None
+
+
+# --- the project's trainer (answer logits, layouts, a CPU process) -------------------------------------------
+
+
+def test_this_trainer_charges_logits_at_the_answers_only() -> None:
+    a = KNOWN["qwen2.5-0.5b"]
+    ours = {c.name: c.bytes for c in estimate(a, Setup("bf16", 4 * 4096, False, 16, ALL, 0.0, 1))}
+    plain = {c.name: c.bytes for c in estimate(a, plain_hf(4 * 4096, False))}
+    # One answer per 32 tokens by default, 16 bytes per vocabulary entry; a plain loop: every position, 12 bytes.
+    assert ours["answer logits + loss"] == 512 * a.vocab * 16
+    assert plain["logits + loss"] == 4 * 4096 * a.vocab * 12
+    assert ours["activations"] == plain["activations"]
+    short = estimate(a, Setup("bf16", 4 * 4096, False, 16, ALL, 0.0, 1, sample_tokens=64))
+    assert {c.name: c.bytes for c in short}["answer logits + loss"] == 256 * a.vocab * 16
+
+
+def _smollm2_cpu(*overrides: str) -> pf.Report:
+    job = load_job(str(ROOT / "jobs" / "quickstart-smollm2.yaml"), list(overrides))
+    return pf.preflight(job, hardware=NO_HW)
+
+
+def test_a_cpu_job_is_the_trainer_process_in_its_resolved_layout() -> None:
+    rep = _smollm2_cpu()
+    assert rep.setup is not None and rep.setup.cpu and rep.setup.layout == "grouped" and rep.setup.dtype == "fp32"
+    parts = {c.name: c.bytes for c in rep.components}
+    assert parts["runtime + allocator"] == 450 * 1024**2  # Python + torch + tokenizer, no GPU context, no slack
+    assert parts["weights (fp32)"] == pytest.approx(134.5e6 * 4, rel=0.01)
+    text = rep.render()
+    assert "layout grouped" in text and "total (process RSS)" in text and "per GPU" not in text
+    # 4 rows x 256 tokens: 1024 tokens x 30 layers, ~1.7 MiB a token (measured 2.5-2.6 GiB peak RSS in all).
+    assert parts["activations"] / 1024 / 1024**2 == pytest.approx(1.68, rel=0.03)
+    assert 2.5 * GiB < rep.total_bytes < 2.85 * GiB
+
+
+def test_layouts_and_options_change_the_cpu_estimate_where_they_change_memory() -> None:
+    grouped = _smollm2_cpu()
+    packed = _smollm2_cpu("train.layout=packed", "train.batch_size=2", "train.max_seq_len=512")
+    parts = {c.name: c.bytes for c in packed.components}
+    assert parts["attention mask (packed)"] == 2 * 512 * 512 * 4  # [B, 1, T, T] fp32
+    assert parts["activations"] > {c.name: c.bytes for c in grouped.components}["activations"]
+    peft = _smollm2_cpu("train.fused_lora=false")
+    assert peft.total_bytes > grouped.total_bytes
+    unpacked = _smollm2_cpu("train.packing=false")
+    assert unpacked.setup is not None and unpacked.setup.layout == "padded"
+    gc = _smollm2_cpu("model.gradient_checkpointing=true")
+    assert gc.total_bytes < grouped.total_bytes
+    gpu = load_job(str(ROOT / "jobs" / "train-72b.yaml"))
+    rep = pf.preflight(gpu, hardware=NO_HW)
+    assert rep.setup is not None and rep.setup.layout == "varlen" and not rep.setup.cpu

@@ -89,16 +89,19 @@ class Report:
             lines.append(
                 f"setup: {self.capacity_label or 'unknown device'}, {s.dtype}"
                 + (f", LoRA r={s.lora_r} on {len(s.lora_targets)} module kinds" if s.training else ", inference")
-                + f", {s.tokens} tokens per micro-batch per GPU, gradient checkpointing "
+                + f", {s.tokens} tokens per micro-batch" + ("" if s.cpu else " per GPU")
+                + (f", layout {s.layout}" if s.training else "") + ", gradient checkpointing "
                 + ("on" if s.gradient_checkpointing else "off")
             )
         if self.components:
             lines.append("")
             lines.append(f"  {'component':<28} {'GiB':>9}  how")
+            digits = 2 if self.setup is not None and self.setup.cpu else 1
             for c in self.components:
-                lines.append(f"  {c.name:<28} {c.bytes / GiB:>9.1f}  {c.note}")
+                lines.append(f"  {c.name:<28} {c.bytes / GiB:>9.{digits}f}  {c.note}")
             cap = f" of {self.capacity_bytes / GiB:.1f} GiB" if self.capacity_bytes else ""
-            lines.append(f"  {'total per GPU':<28} {self.total_bytes / GiB:>9.1f}{cap}")
+            label = "total (process RSS)" if self.setup is not None and self.setup.cpu else "total per GPU"
+            lines.append(f"  {label:<28} {self.total_bytes / GiB:>9.1f}{cap}")
             lines.append("")
         lines.append(f"verdict: {self.verdict()}")
         lines += [f"error: {e}" for e in self.errors]
@@ -177,8 +180,20 @@ def _setup_for(spec: Any, gpus: int) -> Setup:
         dtype=dtype, tokens=batch * seq, gradient_checkpointing=bool(model.gradient_checkpointing),
         lora_r=int(getattr(lora, "r", 16)), lora_targets=tuple(getattr(lora, "target_modules", ()) or ()),
         lora_dropout=float(getattr(lora, "dropout", 0.0)), gpus=max(1, gpus), quant_bits=_quant_bits(model),
-        training=train is not None,
+        training=train is not None, device="gpu" if gpus > 0 else "cpu", layout=_layout(train, gpus), row_len=seq,
+        fused_lora=bool(getattr(train, "fused_lora", True)), compile=bool(getattr(train, "compile", False)),
     )
+
+
+def _layout(train: Any, gpus: int) -> str:
+    """train.layout as the trainer resolves it (`resolve_layout`): auto is varlen on a GPU, grouped on a CPU,
+    padded without packing."""
+    layout = str(getattr(train, "layout", "auto"))
+    if layout != "auto":
+        return layout
+    if not bool(getattr(train, "packing", True)):
+        return "padded"
+    return "varlen" if gpus > 0 else "grouped"
 
 
 def preflight(job: Job, plan: Plan | None = None, hardware: Hardware | None = None) -> Report:
