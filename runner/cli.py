@@ -406,11 +406,15 @@ def promote(
     image: bool = typer.Option(False, "--image", help="Also build a serving image."),
     merge: bool = typer.Option(False, "--merge", help="Also write merged full weights."),
     force: bool = typer.Option(False, "--force", help="Skip the promotion gate (recorded in the manifest)."),
+    gguf: str | None = typer.Option(
+        None, "--gguf", help="Also store GGUF files of the merged weights for llama.cpp, e.g. q8_0 or q8_0,q4_k_m "
+        "(implies --merge; needs `bash .ci/llamacpp-up.sh`)."),
 ) -> None:
     """Copy a checkpoint into the registry as a new immutable version; optionally move an alias, build an image."""
     from runner.registry_cli import promote_main
 
-    raise Exit(promote_main(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force))
+    raise Exit(promote_main(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force,
+                            gguf=gguf))
 
 
 @registry_app.command("ls")

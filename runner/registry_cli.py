@@ -29,9 +29,9 @@ def _err(msg: str) -> None:
 
 
 def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = None, image: bool = False,
-                 merge: bool = False, force: bool = False) -> int:
+                 merge: bool = False, force: bool = False, gguf: str | None = None) -> int:
     try:
-        p = promote(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force,
+        p = promote(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force, gguf=gguf,
                     log=_progress)
     except RegistryError as e:
         _err(f"error: {e}" if not str(e).startswith("gate:") else str(e))
@@ -48,6 +48,8 @@ def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | No
     ev = p.manifest.get("eval")
     if ev:
         print(f"eval: {ev['kind']} accuracy {ev['accuracy']:.4f} on {ev['eval_set']}" + (f" (n={ev['n']})" if ev["n"] else ""))
+    for t, g in sorted((p.manifest.get("gguf") or {}).items()):
+        print(f"gguf: {t} {p.vdir / g['path']} ({g['size'] / 1e6:.1f} MB)")
     if p.manifest.get("image"):
         print(f"image: {p.manifest['image']['tag']} {p.manifest['image']['id']}")
     return EXIT_OK
@@ -140,6 +142,9 @@ def show_main(ref: str) -> int:
             print(f"gate        @{g['alias']}: {g.get('decision') or g.get('error')}")
     if m.get("merged"):
         print(f"merged      {vdir / m['merged']}")
+    for t, g in sorted((m.get("gguf") or {}).items()):
+        made = f"quantised from {g['quantised_from']}" if g.get("quantised_from") else "converted"
+        print(f"gguf        {t:<7} {vdir / g['path']}  ({made}; {g.get('converter')})")
     img = m.get("image")
     if img:
         print(f"image       {img['tag']}  {img['id']}  (FROM {img['base']})")

@@ -19,6 +19,7 @@ from runner.paths import PROJECT_ROOT
 from runner.registry.eval_jobs import eval_advice, shared_eval_advice
 from runner.registry.evidence import Eval, collect_evals, job_source, load_json, select_checkpoint, step_of
 from runner.registry.gate import chance_level, format_gate, gate, holder_evals
+from runner.registry.gguf import check_gguf_tools, manifest_entries, parse_gguf_types
 from runner.registry.store import (
     EXIT_REFUSED,
     FORMAT,
@@ -101,9 +102,10 @@ class Promotion:
 
 
 def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = None, image: bool = False,
-            merge: bool = False, force: bool = False, home: Path | None = None,
+            merge: bool = False, force: bool = False, home: Path | None = None, gguf: str | None = None,
             log: Callable[[str], None] | None = None) -> Promotion:
     """Copy a run's checkpoint into a new immutable version of `to`; optionally gate and move `alias`.
+    `gguf` ("q8_0,q4_k_m") also stores GGUF files of the merged weights (implies `merge`).
     `log` receives progress text (waiting for the lock, image build output) as it happens."""
     from runner.runs import RunError, RunStore
 
@@ -114,6 +116,9 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
     name = validate_name(to)
     if alias is not None:
         validate_name(alias, "alias")
+    gguf_types = parse_gguf_types(gguf) if gguf is not None else []
+    converter = check_gguf_tools(gguf_types) if gguf_types else None  # before anything is written
+    merge = merge or bool(gguf_types)
     try:
         run = RunStore(home).get(ref)
     except RunError as e:
@@ -175,11 +180,14 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
         tmp = ndir / f".tmp-v{version}"
         tmp.mkdir()
         try:
-            manifest = _assemble(tmp, run, ck, checkpoint, adapter_dir, job_data, evals, name, version, merge)
+            manifest = _assemble(tmp, run, ck, checkpoint, adapter_dir, job_data, evals, name, version, merge,
+                                 gguf_types)
             manifest["forced"] = bool(force)
             manifest["promotion"] = {"alias": alias, "gate": gate_rec, "forced": bool(force), "warnings": warnings}
             manifest["image"] = None
             manifest["files"] = _finalise_files(tmp)
+            manifest["gguf"] = (manifest_entries(gguf_types, manifest["files"], converter, "merged")
+                                if converter is not None else None)
             for rel in manifest["files"]:
                 (tmp / rel).chmod(0o444)
             atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -236,7 +244,8 @@ def _lora_of(adapter: Path) -> dict[str, Any] | None:
 
 
 def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_data: dict[str, Any],
-              evals: list[tuple[Eval, Path | None]], name: str, version: int, merge: bool) -> dict[str, Any]:
+              evals: list[tuple[Eval, Path | None]], name: str, version: int, merge: bool,
+              gguf_types: list[str]) -> dict[str, Any]:
     for fn in ADAPTER_FILES + TOKENIZER_FILES:
         for src_dir in dict.fromkeys((adapter_dir, ck)):
             if (src_dir / fn).is_file() and not (tmp / "adapter" / fn).exists():
@@ -271,6 +280,9 @@ def _assemble(tmp: Path, run: Run, ck: Path, which: str, adapter_dir: Path, job_
         bundled = "base"
     if merge:
         _workload(["merge", str(tmp), str(tmp / "merged")], "merging the adapter into the base weights")
+    if gguf_types:
+        _workload(["gguf", str(tmp / "merged"), str(tmp / "gguf"), "--types", ",".join(gguf_types)],
+                  f"converting the merged weights to GGUF ({', '.join(gguf_types)})")
     st = run.status()
     primary = max(records, key=lambda r: (r["kind"] == "eval-run", r["n"] or 0)) if records else None
     return {

@@ -3,7 +3,8 @@
     python -m runner.workloads.recipes.artifact answer REF_OR_DIR --question '{"question": ..., "choices": [...]}'
     python -m runner.workloads.recipes.artifact answer REF_OR_DIR --mmlu FILE.csv --index N
     python -m runner.workloads.recipes.artifact merge VERSION_DIR OUT_DIR        (used by `runner promote --merge`)
-    python -m runner.workloads.recipes.artifact bundle-base JOB_YAML OUT_DIR     (`runner promote`, offline bases)"""
+    python -m runner.workloads.recipes.artifact bundle-base JOB_YAML OUT_DIR     (`runner promote`, offline bases)
+    python -m runner.workloads.recipes.artifact gguf MERGED_DIR OUT_DIR --types q8_0,q4_k_m   (`runner promote --gguf`)"""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bundle-base", help="Copy the offline base a run trained on (tiny, smollm2-135m).")
     b.add_argument("job_yaml")
     b.add_argument("out")
+    g = sub.add_parser("gguf", help="Write GGUF files of merged weights with llama.cpp's converter and quantiser.")
+    g.add_argument("merged")
+    g.add_argument("out")
+    g.add_argument("--types", required=True, help="Comma-separated GGUF types, e.g. q8_0,q4_k_m.")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     try:
@@ -66,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             merge(Path(args.vdir), Path(args.out))
         elif args.cmd == "bundle-base":
             bundle_base(Path(args.job_yaml), Path(args.out))
+        elif args.cmd == "gguf":
+            from runner.registry.gguf import parse_gguf_types
+            from runner.workloads.model.gguf import write_ggufs
+
+            write_ggufs(Path(args.merged), Path(args.out), parse_gguf_types(args.types),
+                        log=lambda m: print(m, file=sys.stderr))
         else:
             if args.mmlu:
                 item = _mmlu_item(Path(args.mmlu), args.index)
