@@ -1,90 +1,170 @@
-"""Measure peak GPU memory of LoRA training steps and compare it with preflight's estimate (needs a GPU).
+"""Measure the peak memory of this project's trainer and compare it with preflight's estimate (CPU).
 
-    python tests/measure_memory.py [OUT.jsonl]
+    python -m tests.measure_memory [OUT.jsonl]     # the settings of tests/test_memory_model.py, then EXTRA
 
-Random-initialised models of the built-in shapes (nothing is downloaded), LoRA on all seven projections, AdamW,
-bf16, SDPA, loss on every token; peak = torch.cuda.max_memory_allocated over two optimizer steps.
+Each setting is a real train job run through the workload entry (`python -m runner.workloads`, as `runner run`
+starts it), by default on the real `smollm2-135m` base: a few optimizer steps, then the peak RSS of that one
+process (`ru_maxrss` from `wait4`) against `runner.preflight`'s estimate for the same job. While it runs,
+/proc/PID/status is polled, so that the peak can be placed in a phase of the run (loading, validation, a step).
+The measured numbers and where the model's constants come from: docs/containers.md, "Checked against this trainer".
 """
 
 from __future__ import annotations
 
-import gc
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
+from runner.preflight.memory import GiB
+from runner.preflight.probe import Hardware
+from runner.spec import job_from_data
+from tests.train_helpers import REPO, train_env, write_run_dir
 
-from runner.preflight.memory import GiB, Setup, allocated, estimate
-from runner.preflight.shapes import KNOWN
+CACHE = Path(os.environ.get("RUNNER_TEST_CACHE", str(REPO / ".runner" / "cache")))
+MiB = 1024**2
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# (model, rows, row length, gradient checkpointing, LoRA r, LoRA dropout)
-CASES = [
-    ("qwen2.5-0.5b", 4, 4096, False, 16, 0.0),
-    ("qwen2.5-7b", 2, 4096, False, 16, 0.0),
-    ("qwen2.5-7b", 4, 4096, True, 16, 0.0),
-    ("qwen2.5-7b", 4, 2048, True, 64, 0.05),
-    ("qwen3-8b", 2, 2048, False, 16, 0.0),
-    ("llama-3.2-1b", 8, 1024, False, 16, 0.0),
+
+def trainer_job(name: str, batch_size: int, max_seq_len: int, layout: str = "grouped", fused_lora: bool = True,
+                steps: int = 2, threads: int = 1, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A short LoRA job (r=16 on all seven projections, fp32 on the CPU), by default on the real smollm2-135m."""
+    return {
+        "name": name,
+        "kind": "train",
+        "model": model or {"base": "smollm2-135m"},
+        "lora": {"r": 16, "alpha": 32,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "data": {"train": [{"path": "builtin:categories", "limit": 400}], "val_fraction": 0.05, "val_limit": 4},
+        "train": {"steps": steps, "batch_size": batch_size, "max_seq_len": max_seq_len, "layout": layout,
+                  "fused_lora": fused_lora, "lr": 1e-4, "warmup_steps": 0, "eval_every": 1000, "save_every": 1000,
+                  "log_every": 1, "threads": threads, "deterministic": True},
+    }
+
+
+@dataclass
+class Measured:
+    peak_bytes: float  # ru_maxrss of the trainer process
+    rc: int
+    seconds: float
+    log: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, line)
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, VmRSS bytes)
+
+    def phase_of_peak(self) -> str:
+        """The last log line printed before the polled RSS was highest."""
+        if not self.rss:
+            return "?"
+        t_peak = max(self.rss, key=lambda x: x[1])[0]
+        before = [ln for t, ln in self.log if t <= t_peak]
+        return before[-1] if before else "(before the first line)"
+
+    def output(self) -> str:
+        return "\n".join(ln for _, ln in self.log)
+
+
+def _vm_rss(pid: int) -> float | None:
+    try:
+        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if ln.startswith("VmRSS:"):
+                return float(ln.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_trainer(job: dict[str, Any], run_dir: Path, cache: Path = CACHE, timeout: float = 600,
+                entry: tuple[str, ...] = ("-m", "runner.workloads")) -> Measured:
+    """Run the train job in its own process and measure it (peak RSS from wait4: that process alone)."""
+    write_run_dir(run_dir, job)
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, *entry], cwd=REPO, env=train_env(run_dir, cache),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    m = Measured(0.0, -1, 0.0)
+
+    def read() -> None:
+        assert p.stdout is not None
+        for ln in p.stdout:
+            m.log.append((time.monotonic() - t0, ln.rstrip()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            rss = _vm_rss(p.pid)
+            if rss is not None:
+                m.rss.append((time.monotonic() - t0, rss))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    try:
+        _, status, usage = os.wait4(p.pid, 0)
+    finally:
+        killer.cancel()
+        done.set()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=10)
+    poller.join(timeout=1)
+    m.peak_bytes = float(usage.ru_maxrss) * 1024  # KiB on Linux
+    m.rc = p.returncode
+    m.seconds = time.monotonic() - t0
+    return m
+
+
+def estimate_job(job: dict[str, Any]) -> Any:
+    """Preflight's report for the job on this host (a CPU job: host memory is the capacity)."""
+    from runner.preflight.report import preflight
+
+    return preflight(job_from_data(job), hardware=Hardware(host_memory_bytes=64 * GiB))
+
+
+# (name, batch_size, max_seq_len, layout): the test's settings. Grouped rows at two token budgets and the 4D-mask
+# packed layout, each a few seconds of training on two cores.
+SETTINGS = [
+    ("grouped-512", 2, 256, "grouped"),
+    ("grouped-1k", 4, 256, "grouped"),
+    ("packed-2x512", 2, 512, "packed"),
+]
+TINY_384x12 = {"base": "tiny", "tiny": {"hidden_size": 384, "layers": 12, "heads": 6, "pretrain_steps": 0}}
+# More settings for `python -m tests.measure_memory`: a larger budget, one row of 1024, PEFT's own LoRA forward,
+# another shape (the tiny base at hidden 384, MLP 1536, 12 layers).
+EXTRA: list[tuple[str, int, int, str, bool, dict[str, Any] | None]] = [
+    ("grouped-2k", 8, 256, "grouped", True, None),
+    ("packed-1x1024", 1, 1024, "packed", True, None),
+    ("grouped-1k-peft", 4, 256, "grouped", False, None),
+    ("tiny384x12-grouped-2k", 8, 256, "grouped", True, TINY_384x12),
 ]
 
 
-def config(key: str):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    a = KNOWN[key]
-    kw = dict(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
-              num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate, vocab_size=a.vocab,
-              tie_word_embeddings=a.tied, max_position_embeddings=32768)
-    if key.startswith("qwen2.5"):
-        return Qwen2Config(**kw)
-    if key.startswith("qwen3"):
-        return Qwen3Config(head_dim=a.hd, **kw)
-    return LlamaConfig(**kw)
-
-
-def measure(key: str, rows: int, length: int, gc_on: bool, r: int, dropout: float) -> dict[str, object]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config(key), dtype=torch.bfloat16, attn_implementation="sdpa")
-    if gc_on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(ALL)))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, KNOWN[key].vocab, (rows, length), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(2):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / GiB
-    est = allocated(estimate(KNOWN[key], Setup("bf16", rows * length, gc_on, r, ALL, dropout, 1))) / GiB
-    del model, opt, loss, ids
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"model": key, "rows": rows, "length": length, "gradient_checkpointing": gc_on, "r": r,
-            "dropout": dropout, "peak_gib": round(peak, 2), "estimate_gib": round(est, 2),
-            "ratio": round(est / peak, 3), "seconds": round(time.time() - t0, 1)}
+def measure_setting(name: str, batch: int, seq: int, layout: str, fused: bool = True,
+                    model: dict[str, Any] | None = None, steps: int = 2) -> dict[str, Any]:
+    """Run one setting's train job and compare its peak RSS with preflight's estimate of the same job."""
+    job = trainer_job(f"mem-{name}", batch, seq, layout, fused, steps=steps, model=model)
+    with tempfile.TemporaryDirectory() as d:
+        m = run_trainer(job, Path(d) / "run")
+    if m.rc != 0:
+        raise RuntimeError(f"{name}: the trainer exited {m.rc}\n{m.output()[-3000:]}")
+    rep = estimate_job(job)
+    return {"setting": name, "batch_size": batch, "max_seq_len": seq, "layout": layout, "fused_lora": fused,
+            "peak_mib": round(m.peak_bytes / MiB), "estimate_mib": round(rep.total_bytes / MiB),
+            "ratio": round(rep.total_bytes / m.peak_bytes, 3), "peak_during": m.phase_of_peak(),
+            "seconds": round(m.seconds, 1),
+            "components_mib": {c.name: round(c.bytes / MiB, 1) for c in rep.components}}
 
 
 def main() -> int:
     out = open(sys.argv[1], "a") if len(sys.argv) > 1 else None
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    for case in CASES:
-        try:
-            res = measure(*case)
-        except torch.OutOfMemoryError as e:
-            res = {"case": case, "error": f"out of memory: {str(e)[:200]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
+    for s in [(*x, True, None) for x in SETTINGS] + EXTRA:
+        res = measure_setting(*s)
         print(json.dumps(res), flush=True)
         if out:
             out.write(json.dumps(res) + "\n")

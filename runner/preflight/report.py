@@ -101,7 +101,7 @@ class Report:
                 lines.append(f"  {c.name:<28} {c.bytes / GiB:>9.{digits}f}  {c.note}")
             cap = f" of {self.capacity_bytes / GiB:.1f} GiB" if self.capacity_bytes else ""
             label = "total (process RSS)" if self.setup is not None and self.setup.cpu else "total per GPU"
-            lines.append(f"  {label:<28} {self.total_bytes / GiB:>9.1f}{cap}")
+            lines.append(f"  {label:<28} {self.total_bytes / GiB:>9.{digits}f}{cap}")
             lines.append("")
         lines.append(f"verdict: {self.verdict()}")
         lines += [f"error: {e}" for e in self.errors]
