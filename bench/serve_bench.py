@@ -3,7 +3,13 @@ by 16 concurrent clients. Runs it twice, micro-batched and one request per forwa
 requests/s, p50/p99 latency and `serve_batching_speedup` (the ratio of the two throughputs).
 
     python bench/serve_bench.py [--requests 400] [--concurrency 16]
+    python bench/serve_bench.py --engines builtin,vllm,llamacpp --gguf FILE.gguf   # engines side by side
     SERVE_BENCH_DEVICE=cuda python bench/serve_bench.py --shape 7b --lone   # GPU: a random-init 7B-shaped model
+
+`--engines` serves the real `smollm2-135m` base (or `--base`) through each engine in turn, the same service in
+front, and prints requests/s and p50/p99 at 1 and at `--concurrency` clients for each (`llamacpp` needs `--gguf`,
+e.g. a registry version's gguf/q8_0.gguf). The GPU run: `SERVE_BENCH_DEVICE=cuda python bench/serve_bench.py
+--engines builtin,vllm --base DIR`.
 
 `--shape 0.5b|7b` serves a random-init bf16 Qwen2.5-shaped model (bench/model_shapes.py) with the tiny
 tokenizer, saved once to a temp directory (nothing is downloaded); `--lone` also measures one client alone.
@@ -65,7 +71,7 @@ def shaped_model(shape: str, out: Path) -> dict[str, Any]:
 
 
 def start_service(run_dir: Path, max_batch: int, window_ms: float, model: dict[str, Any],
-                  graphs: bool = True) -> tuple[subprocess.Popen[str], str]:
+                  graphs: bool = True, extra: dict[str, Any] | None = None) -> tuple[subprocess.Popen[str], str]:
     from ruamel.yaml import YAML
 
     job = {
@@ -73,6 +79,7 @@ def start_service(run_dir: Path, max_batch: int, window_ms: float, model: dict[s
         "answer": {"cuda_graphs": graphs},
         "server": {"host": "127.0.0.1", "port": 0, "max_batch": max_batch, "batch_window_ms": window_ms,
                    "queue_size": 1024},
+        **(extra or {}),
     }
     run_dir.mkdir(parents=True)
     with open(run_dir / "job.yaml", "w") as f:
@@ -155,6 +162,51 @@ def measure(label: str, max_batch: int, window_ms: float, qs: list[dict[str, Any
     return rps
 
 
+def report(label: str, n: int, elapsed: float, lat: list[float], errors: int) -> float:
+    lat = sorted(lat)
+    rps = n / elapsed
+    print(f"serve_{label}_requests_per_s: {rps:.1f}")
+    print(f"serve_{label}_latency_p50_ms: {1000 * statistics.median(lat):.1f}")
+    print(f"serve_{label}_latency_p99_ms: {1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.1f}")
+    print(f"serve_{label}_errors: {errors}")
+    return rps
+
+
+def measure_engines(engines: list[str], base: str, gguf: str | None, qs: list[dict[str, Any]], n: int, conc: int,
+                    tmp: Path) -> None:
+    """Each engine behind the same service, at 1 client and at `conc` clients; a table at the end."""
+    rows = []
+    for engine in engines:
+        extra: dict[str, Any] = {"engine": engine}
+        if engine == "vllm":
+            extra["vllm"] = {"dtype": os.environ.get("SERVE_BENCH_VLLM_DTYPE", "bfloat16"), "max_num_seqs": 32}
+        if engine == "llamacpp":
+            if gguf is None:
+                raise SystemExit("--engines llamacpp needs --gguf FILE.gguf")
+            extra["llamacpp"] = {"gguf": str(Path(gguf).resolve()), "n_threads": max(1, THREADS)}
+        t = time.perf_counter()
+        proc, url = start_service(tmp / engine, 32, 4.0, {"base": base}, extra=extra)
+        up = time.perf_counter() - t
+        try:
+            row = [engine, f"{up:.0f}"]
+            for clients, count in ((1, max(20, n // 8)), (conc, n)):
+                elapsed, lat, errors = asyncio.run(drive(url, qs, count, clients))
+                rps = report(f"{engine}_c{clients}", count, elapsed, lat, errors)
+                lat.sort()
+                row += [f"{rps:.1f}", f"{1000 * statistics.median(lat):.0f}",
+                        f"{1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.0f}"]
+            rows.append(row)
+        except Exception as e:
+            print(f"serve_{engine}_failed: {type(e).__name__}: {e}\n{(tmp / engine / 'run.log').read_text()[-3000:]}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    head = ["engine", "start s", "1 client req/s", "p50 ms", "p99 ms", f"{conc} clients req/s", "p50 ms", "p99 ms"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=400)
@@ -164,8 +216,18 @@ def main() -> int:
     ap.add_argument("--lone", action="store_true", help="also measure one client alone (micro-batched service)")
     ap.add_argument("--compare-graphs", action="store_true",
                     help="GPU: also measure 16 clients and one client with `answer.cuda_graphs: false`")
+    ap.add_argument("--engines", help="comma-separated engines to compare (builtin, vllm, llamacpp)")
+    ap.add_argument("--base", default="smollm2-135m", help="--engines: the base model served")
+    ap.add_argument("--gguf", help="--engines llamacpp: the GGUF file")
     args = ap.parse_args()
     qs = questions(100)
+    if args.engines:
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        print(f"{args.base} on {DEVICE} ({THREADS} torch thread(s)): engines {', '.join(engines)}, "
+              f"{args.requests} requests at {args.concurrency} clients, procedural questions")
+        with tempfile.TemporaryDirectory() as d:
+            measure_engines(engines, args.base, args.gguf, qs, args.requests, args.concurrency, Path(d))
+        return 0
     window = float(os.environ.get("SERVE_BENCH_WINDOW_MS", "4"))
     with tempfile.TemporaryDirectory() as d:
         trained_tiny = args.shape == "tiny" and not args.random

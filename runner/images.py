@@ -64,6 +64,10 @@ class ImageDef(BaseModel):
         default_factory=list, description="Packages of the base image pinned as they are (never reinstalled)."
     )
     packages: list[str] = Field(min_length=1, description="pip requirements to install.")
+    remove: list[str] = Field(
+        default_factory=list, description="Packages uninstalled after the install (ones a dependency pulls in that "
+        "do not work with this image's torch)."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Environment baked into the image.")
 
 
@@ -93,7 +97,7 @@ def load_image_def(name: str, images_dir: Path = IMAGES_DIR) -> ImageDef:
 def render_dockerfile(name: str, d: ImageDef) -> str:
     return render_template(
         "Dockerfile.j2", name=name, flavour=d.flavour, description=d.description, base=d.base, venv=d.venv,
-        wheels=d.wheels, keep_preinstalled=d.keep_preinstalled, packages=d.packages, env=d.env,
+        wheels=d.wheels, keep_preinstalled=d.keep_preinstalled, packages=d.packages, remove=d.remove, env=d.env,
         gpu_check=GPU_CHECKS.get(d.flavour, "True"),
     )
 

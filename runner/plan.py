@@ -16,6 +16,7 @@ from runner.spec.models import Resources
 if TYPE_CHECKING:
     from runner.images import ImageRef
     from runner.spec import Job
+from runner.engine_commands import engine_image, engine_plan
 from runner.templating import render_template
 
 CONTAINER_RUN_DIR = "/workspace/run"
@@ -68,7 +69,9 @@ def _layer_class(base: str) -> str:
 
 
 def image_flavour(image: str) -> str:
-    return image if image in ("rocm", "cuda", "cpu") else "cpu"
+    """The hardware of an image name: `rocm`, `rocm-vllm` -> rocm; unknown names -> cpu."""
+    head = image.split("-", 1)[0]
+    return head if head in ("rocm", "cuda", "cpu") else "cpu"
 
 
 def _accelerate_config(job: Job, flavour: str) -> str | None:
@@ -186,11 +189,14 @@ def render_plan(job: Job, backend: str | None = None, workdir: str | None = None
     if backend_name in ("docker", "kubernetes") or (backend_name == "slurm" and spec.image != "cpu"):
         from runner.images import render_image
 
-        image = render_image(spec.image)
+        image = render_image(engine_image(spec))
 
     files: dict[str, str] = {}
     if accel is not None:
         files["accelerate.yaml"] = accel
+    engine = engine_plan(spec, backend_name, image)
+    if engine is not None:
+        files["engine.sh"] = engine
     files["entrypoint.sh"] = render_template(
         "entrypoint.sh.j2", name=job.name, kind=job.kind, backend=backend_name, containerised=containerised,
         argv=argv,

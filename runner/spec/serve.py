@@ -136,6 +136,9 @@ class ServeJob(JobBase, AgentSource):
     def _needs_model(self) -> ServeJob:
         if not self.has_model():
             raise ValueError("a serve job needs `model` (e.g. {base: tiny}) or `registry` (e.g. qa-agent@champion)")
+        if self.engine == "llamacpp" and self.backend != "local":
+            raise At("engine", f"engine llamacpp runs on the local backend only (no image ships llama-cpp-python); "
+                     f"this job has backend {self.backend}: use backend: local, or engine vllm / builtin")
         return self
 
     @field_validator("server")

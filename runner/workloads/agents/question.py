@@ -21,6 +21,7 @@ from runner.workloads.agents.format_filter import (
 )
 from runner.workloads.agents.writer import parse_mcq, write_text
 from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.serving.engines import EngineError
 
 SOURCES = ("bank", "procedural", "model")
 
@@ -232,7 +233,11 @@ class QuestionAgent:
         assert self.writer is not None
         model, tok = self.writer
         # leave time for the key check and a fallback source
-        text = write_text(model, tok, topic, self.rng, deadline - 1.5)
+        try:
+            text = write_text(model, tok, topic, self.rng, deadline - 1.5)
+        except EngineError as e:  # an engine that failed this request: another source writes the question
+            self.stats.reject("model", f"the engine failed: {e}"[:80])
+            return None
         self.stats.model["generated"] += 1
         q = parse_mcq(text, topic, self.limits.explanation_words)
         if q is None:

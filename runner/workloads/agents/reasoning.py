@@ -19,6 +19,7 @@ import torch
 
 from runner.workloads.agents.format_filter import FormatLimits, TokenCounter, token_counter
 from runner.workloads.scoring.prompts import LETTERS
+from runner.workloads.serving.engines import is_engine
 
 REASONING_MODES = (True, False, "model")
 SYSTEM = ("You are a tutor. Given a multiple-choice question and its correct answer, explain in one or two "
@@ -143,32 +144,44 @@ class ReasoningWriter:
             return [None] * len(items)
         try:
             prompts = [self.prompt_ids(it.question, it.choices, L) for it, L in zip(items, letters, strict=True)]
-            width = max(len(p) for p in prompts)
-            device = next(self.model.parameters()).device
-            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             t0 = time.monotonic()
-            gen = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                max_time=max(0.1, deadline - time.monotonic() - 0.05), pad_token_id=self.pad_id,
-                no_repeat_ngram_size=4,
-            )
-            new = gen[:, width:]
-            if new.shape[1]:
-                per_step = (time.monotonic() - t0) / (new.shape[1] + 2)
+            rows, ended = self._generate(prompts, steps, deadline)
+            made = max((len(r) for r in rows), default=0)
+            if made:
+                per_step = (time.monotonic() - t0) / (made + 2)
                 self.seconds_per_step = (per_step if self.seconds_per_step is None
                                          else 0.7 * self.seconds_per_step + 0.3 * per_step)
         except Exception:  # a model that cannot generate: the fixed sentence stands, the answer is unaffected
             self.counts["failed"] += len(items)
             return [None] * len(items)
-        stops = {self.pad_id, self.tokenizer.eos_token_id}
         out: list[str | None] = []
-        for row, it, letter in zip(new.tolist(), items, letters, strict=True):
-            finished = any(t in stops for t in row)
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            text = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
+        for row, finished, it, letter in zip(rows, ended, items, letters, strict=True):
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
             out.append(self._clean(text, it, letter, finished))
         return out
+
+    def _generate(self, prompts: list[list[int]], steps: int, deadline: float) -> tuple[list[list[int]], list[bool]]:
+        """Greedy continuations (cut at the end-of-text token) and whether each ended there."""
+        if is_engine(self.model):  # vLLM / llama.cpp: one request per prompt, within the deadline
+            rows = [self.model.generate_ids(p, max_new_tokens=steps,
+                                            timeout_s=max(0.1, deadline - time.monotonic() - 0.05)) for p in prompts]
+            return rows, [len(r) < steps for r in rows]
+        width = max(len(p) for p in prompts)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        gen = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+            max_time=max(0.1, deadline - time.monotonic() - 0.05), pad_token_id=self.pad_id,
+            no_repeat_ngram_size=4,
+        )
+        stops = {self.pad_id, self.tokenizer.eos_token_id}
+        rows, ended = [], []
+        for row in gen[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:cut])
+            ended.append(cut < len(row))
+        return rows, ended
 
     def _clean(self, text: str, item: Any, letter: str, finished: bool) -> str | None:
         if not self.chat:

@@ -62,9 +62,63 @@ def find_adapter(path: Path) -> Path:
 def load_source(source: Any, device: str = "cpu", log: Any = print) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for an AgentSource: the registry version when it resolves, otherwise
     the job-local model (+ adapter). The model is for inference only: it may take the packed scoring path."""
+    if getattr(source, "engine", "builtin") != "builtin":
+        return _engine_source(source, device, log)
     model, tok, desc = _load_source(source, device, log)
     enable_packed_scoring(model, device)
     return model, tok, desc
+
+
+def _engine_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:
+    """An agent source served by vLLM or llama.cpp: the project's tokenizer here, the weights in the engine.
+    A registry version is verified first, as for the builtin engine."""
+    from transformers import AutoTokenizer
+
+    from runner.workloads.model.loading import base_model_path
+    from runner.workloads.scoring.prompts import remember_prompt
+    from runner.workloads.serving.engines import start_engine
+
+    adapter: Path | None = None
+    gguf: str | None = None
+    if source.registry is not None:
+        from runner.registry import read_manifest, resolve_artifact
+        from runner.workloads.model.artifact import _model_spec, _tokenizer
+
+        vdir = resolve_artifact(source.registry, verify=True)
+        manifest = read_manifest(vdir)
+        if bool(manifest.get("merged")) and (vdir / "merged").is_dir():
+            model_dir = str(vdir / "merged")
+        else:
+            model_dir, adapter = base_model_path(_model_spec(vdir), log=log), vdir / "adapter"
+        tok = _tokenizer(vdir, None)
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        if source.engine == "llamacpp":
+            gguf = source.llamacpp.gguf
+            if not gguf.endswith(".gguf"):
+                from runner.registry.gguf import gguf_file
+
+                gguf = str(gguf_file(vdir, manifest, gguf))
+        desc = f"{manifest.get('name', source.registry)}:v{manifest.get('version', '?')}"
+        prompt_dir = vdir / "adapter"
+    elif source.model is not None:
+        model_dir = base_model_path(source.model, log=log)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if source.adapter is not None:
+            adapter = find_adapter(Path(source.adapter))
+        prompt_dir = adapter
+        desc = str(source.model.base) + (f" + {adapter}" if adapter else "")
+        if source.engine == "llamacpp":
+            gguf = source.llamacpp.gguf  # a path: the spec refuses a GGUF type without a registry version
+    else:
+        raise ValueError("no model: give `model` or `registry`")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = start_engine(source, tok, model_dir=model_dir, adapter_dir=str(adapter) if adapter else None,
+                         gguf=gguf, device=device, log=log)
+    if prompt_dir is not None:
+        remember_prompt(model, prompt_dir)
+    return model, tok, f"{desc} [{source.engine}]"
 
 
 def _load_source(source: Any, device: str, log: Any) -> tuple[Any, Any, str]:

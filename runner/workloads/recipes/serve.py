@@ -28,6 +28,7 @@ from runner.workloads.agents.question import QuestionAgent
 from runner.workloads.agents.sources import question_agent_from_spec, resolve_token
 from runner.workloads.serving.app import bind, create_app, prompt_token_limit, url_of
 from runner.workloads.serving.batcher import MicroBatcher
+from runner.workloads.serving.engines import EngineError, close_engines, is_engine
 
 # --- HTTP ----------------------------------------------------------------------------------------------
 
@@ -52,7 +53,8 @@ def build_agents(spec: Any, log: Any = print) -> tuple[AnswerAgent, QuestionAgen
         from runner.workloads.scoring.cuda_graphs import enable_cuda_graphs
 
         for m, t in members:
-            enable_cuda_graphs(m, t.pad_token_id, log)
+            if not is_engine(m):
+                enable_cuda_graphs(m, t.pad_token_id, log)
     agent = AnswerAgent(members, permutations=a.permutations, deadline_s=a.deadline_s, batch_size=a.batch_size,
                         reasoning=a.reasoning, prompt=spec.prompt)
     qa = question_agent_from_spec(spec.question, agent, (model, tok), token_counter(tok))
@@ -68,10 +70,12 @@ def run(job: Any, run_dir: Path) -> int:
         import torch
 
         torch.set_num_threads(spec.threads)
+    os.environ.setdefault("QA_ENGINE_LOG_DIR", str(run_dir))  # an engine server's log lives with the run
     try:
         agent, qagent, desc = build_agents(spec)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, EngineError) as e:
         print(f"error: {e}", flush=True)
+        close_engines()
         return 1
     batcher = MicroBatcher(agent, max_batch=srv.max_batch, window_s=srv.batch_window_ms / 1000,
                            queue_size=srv.queue_size).start()
@@ -87,7 +91,7 @@ def run(job: Any, run_dir: Path) -> int:
     url = url_of(sock)
     atomic_write(run_dir / "serve.json", json.dumps({
         "url": url, "host": sock.getsockname()[0], "port": sock.getsockname()[1], "pid": os.getpid(),
-        "model": desc, "auth": token is not None, "started": time.time(),
+        "model": desc, "engine": spec.engine, "auth": token is not None, "started": time.time(),
     }, indent=2) + "\n")
     fast = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
     stack = f"http: {'httptools' if fast['httptools'] else 'h11'}, loop: {'uvloop' if fast['uvloop'] else 'asyncio'}"
@@ -118,6 +122,7 @@ def run(job: Any, run_dir: Path) -> int:
     finally:
         stopped = batcher.stop()
         sock.close()
+        close_engines()
     print(f"stopped after answering {batcher.items} questions in {batcher.batches} batches", flush=True)
     code = 130 if any(s in (signal.SIGTERM, signal.SIGINT) for s in signals) else 0
     if not stopped:

@@ -23,6 +23,7 @@ import torch
 
 from runner.workloads.model.packed_attention import Packed, packed_forward, packed_ready
 from runner.workloads.scoring.prompts import LETTERS, prompter, strip_choice_prefix
+from runner.workloads.serving.engines import engine_letter_logits, is_engine
 
 Padding = Literal["auto", "right", "left", "packed"]
 # Config attributes that mean the logits are not `lm_head(hidden)`: those models take the full forward.
@@ -222,6 +223,8 @@ def letter_logits(
     prompts = fmt.encode(items)
     if max_length is not None:
         prompts = [p[-max_length:] for p in prompts]
+    if is_engine(model):  # vLLM or llama.cpp: the same prompt and letter ids, scored by the engine
+        return engine_letter_logits(model, prompts, fmt.letter_ids, n_choices, n_letters).to(device)
     parts = fast_path_parts(model) if padding in ("auto", "right", "packed") else None
     if padding in ("right", "packed") and parts is None:
         raise ValueError(f"{padding} padding needs a model whose logits are lm_head(last hidden state)")

