@@ -54,6 +54,7 @@ from runner.workloads.training.packing import (
     per_token_losses,
     resolve_layout,
 )
+from runner.workloads.training.placement import placement
 from runner.workloads.training.progress import (
     Metrics,
     ProgressView,
@@ -68,6 +69,9 @@ from runner.workloads.training.progress import (
 from runner.workloads.training.schedule import lr_lambda
 
 EXIT_CANCELLED = 130
+# A scheduler signals every process of a job step and the launcher forwards the signal to its ranks again: a second
+# signal this soon after the first is the same request twice; a later one means stop at once.
+REPEATED_SIGNAL_S = 5.0
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -82,6 +86,7 @@ class Trainer(Checkpointing):
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.stop_signal: int | None = None
+        self.stop_since = 0.0  # time.monotonic() of the first stop request (this rank's signal or another's)
 
     # setup ------------------------------------------------------------------------------------------
 
@@ -111,6 +116,8 @@ class Trainer(Checkpointing):
                             "launch with the run's plan/accelerate.yaml (`runner run` does)")
         self.main = self.acc.is_main_process
         self.device = self.acc.device
+        if self.acc.num_processes > 1:
+            self.log(placement(self.acc))
         self.metrics = Metrics(
             self.run_dir / "metrics.jsonl",
             self.main,
@@ -339,7 +346,7 @@ class Trainer(Checkpointing):
         flag = torch.tensor([0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
         got = int(self.acc.reduce(flag, reduction="sum").item())
         if got and self.stop_signal is None:
-            self.stop_signal = int(signal.SIGTERM)
+            self.stop_signal, self.stop_since = int(signal.SIGTERM), time.monotonic()
         return bool(got)
 
     def _mean_loss(self, local: float) -> float:
@@ -448,9 +455,11 @@ def run(job: Any, run_dir: Path) -> int:
     trainer = Trainer(job, run_dir)
 
     def on_signal(signum: int, frame: Any) -> None:
-        if trainer.stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
+        if trainer.stop_signal is not None:
+            if time.monotonic() - trainer.stop_since < REPEATED_SIGNAL_S:
+                return  # the same request, delivered twice
+            raise KeyboardInterrupt  # a second request: stop now
+        trainer.stop_signal, trainer.stop_since = signum, time.monotonic()
         print(f"received {stop_reason(signum)}: finishing this step and saving a checkpoint", flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
