@@ -56,6 +56,7 @@ if ! iptables -C FORWARD -i "$bridge" -o "$bridge" -j ACCEPT 2>/dev/null; then
   log "iptables: accepting traffic between the nodes on $bridge"
   iptables -I FORWARD 1 -i "$bridge" -o "$bridge" -j ACCEPT
 fi
+restart=()
 for i in "${!nodes[@]}"; do
   n=${nodes[$i]}
   addr="$net.$((11 + i))"
@@ -76,11 +77,20 @@ for i in "${!nodes[@]}"; do
   tmp=$(mktemp "/etc/netns/$n/hosts.XXXXXX")
   {
     echo "127.0.0.1 localhost"
+    echo "::1 localhost"
     echo "$net.1 $controller"
     for j in "${!nodes[@]}"; do echo "$net.$((11 + j)) ${nodes[$j]}"; done
+    # The IPv4-mapped spelling too: torch's TCPStore names its clients from a dual-stack socket, and glibc finds
+    # no name for ::ffff:a.b.c.d in a hosts file that lists only a.b.c.d (a DNS server would answer both).
+    for j in "${!nodes[@]}"; do echo "::ffff:$net.$((11 + j)) ${nodes[$j]}"; done
   } >"$tmp"
-  chmod 644 "$tmp"
-  mv "$tmp" "/etc/netns/$n/hosts"
+  if cmp -s "$tmp" "/etc/netns/$n/hosts"; then
+    rm -f "$tmp"
+  else
+    chmod 644 "$tmp"
+    mv "$tmp" "/etc/netns/$n/hosts"
+    restart+=("$n")  # a running slurmd still sees the old file it was bind-mounted from
+  fi
 done
 
 # 3. slurm.conf: the nodes and the partition as one marked block; the single-node part stays as slurm-up.sh wrote it.
@@ -131,7 +141,11 @@ for n in "${nodes[@]}"; do
   install -d "$d/spool" "$d/log"
   [ -e "$d/slurmd.pid" ] || : >"$d/slurmd.pid"
   if running "$d/slurmd.pid" && [ "$(cat "/proc/$(cat "$d/slurmd.pid")/comm" 2>/dev/null)" = slurmd ]; then
-    continue
+    [[ " ${restart[*]} " == *" $n "* ]] || continue
+    log "restarting slurmd for $n (its hosts file changed)"
+    pid=$(cat "$d/slurmd.pid")
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   log "starting slurmd for $n (network namespace $n)"
   # nsenter rather than `ip netns exec`, which remounts /sys without the cgroup tree slurmd reads.

@@ -296,6 +296,7 @@ class SlurmBackend:
                 kind=plan.kind,
                 nodes=res.nodes,
                 gpus=res.gpus,
+                processes=res.processes,
                 cpus=res.cpus,
                 memory_gb=res.memory_gb,
                 time=res.slurm.time,
