@@ -32,9 +32,11 @@ MiB = 1024**2
 
 
 def trainer_job(name: str, batch_size: int, max_seq_len: int, layout: str = "grouped", fused_lora: bool = True,
-                steps: int = 2, threads: int = 1, model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A short LoRA job (r=16 on all seven projections, fp32 on the CPU), by default on the real smollm2-135m."""
-    return {
+                steps: int = 2, threads: int = 1, model: dict[str, Any] | None = None,
+                over: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A short LoRA job (r=16 on all seven projections, fp32 on the CPU), by default on the real smollm2-135m;
+    `over` updates sections (e.g. {"model": {"gradient_checkpointing": True}})."""
+    job = {
         "name": name,
         "kind": "train",
         "model": model or {"base": "smollm2-135m"},
@@ -45,6 +47,9 @@ def trainer_job(name: str, batch_size: int, max_seq_len: int, layout: str = "gro
                   "fused_lora": fused_lora, "lr": 1e-4, "warmup_steps": 0, "eval_every": 1000, "save_every": 1000,
                   "log_every": 1, "threads": threads, "deterministic": True},
     }
+    for section, values in (over or {}).items():
+        job[section] = {**job[section], **values}
+    return job
 
 
 @dataclass
@@ -135,20 +140,32 @@ SETTINGS = [
     ("packed-2x512", 2, 512, "packed"),
 ]
 TINY_384x12 = {"base": "tiny", "tiny": {"hidden_size": 384, "layers": 12, "heads": 6, "pretrain_steps": 0}}
-# More settings for `python -m tests.measure_memory`: a larger budget, one row of 1024, PEFT's own LoRA forward,
-# another shape (the tiny base at hidden 384, MLP 1536, 12 layers).
-EXTRA: list[tuple[str, int, int, str, bool, dict[str, Any] | None]] = [
-    ("grouped-2k", 8, 256, "grouped", True, None),
-    ("packed-1x1024", 1, 1024, "packed", True, None),
-    ("grouped-1k-peft", 4, 256, "grouped", False, None),
-    ("tiny384x12-grouped-2k", 8, 256, "grouped", True, TINY_384x12),
+# More settings for `python -m tests.measure_memory`: a larger budget, one row of 1024, the padded and varlen layouts,
+# PEFT's own LoRA forward, gradient checkpointing, torch.compile, another shape (the tiny base at hidden 384, MLP
+# 1536, 12 layers). (name, batch_size, max_seq_len, layout, fused LoRA, model, section overrides)
+GC = {"model": {"gradient_checkpointing": True}}
+COMPILE = {"train": {"compile": True}}
+EXTRA: list[tuple[str, int, int, str, bool, dict[str, Any] | None, dict[str, dict[str, Any]] | None]] = [
+    ("grouped-2k", 8, 256, "grouped", True, None, None),
+    ("packed-1x1024", 1, 1024, "packed", True, None, None),
+    ("padded-1k", 4, 256, "padded", True, None, None),
+    ("varlen-1k", 4, 256, "varlen", True, None, None),
+    ("grouped-1k-peft", 4, 256, "grouped", False, None, None),
+    ("grouped-2k-peft", 8, 256, "grouped", False, None, None),
+    ("grouped-512-checkpointed", 2, 256, "grouped", True, None, GC),
+    ("grouped-1k-checkpointed", 4, 256, "grouped", True, None, GC),
+    ("grouped-2k-checkpointed", 8, 256, "grouped", True, None, GC),
+    ("grouped-1k-compiled", 4, 256, "grouped", True, None, COMPILE),
+    ("grouped-2k-compiled", 8, 256, "grouped", True, None, COMPILE),
+    ("tiny384x12-grouped-2k", 8, 256, "grouped", True, TINY_384x12, None),
 ]
 
 
 def measure_setting(name: str, batch: int, seq: int, layout: str, fused: bool = True,
-                    model: dict[str, Any] | None = None, steps: int = 2) -> dict[str, Any]:
+                    model: dict[str, Any] | None = None, over: dict[str, dict[str, Any]] | None = None,
+                    steps: int = 2) -> dict[str, Any]:
     """Run one setting's train job and compare its peak RSS with preflight's estimate of the same job."""
-    job = trainer_job(f"mem-{name}", batch, seq, layout, fused, steps=steps, model=model)
+    job = trainer_job(f"mem-{name}", batch, seq, layout, fused, steps=steps, model=model, over=over)
     with tempfile.TemporaryDirectory() as d:
         m = run_trainer(job, Path(d) / "run")
     if m.rc != 0:
@@ -163,7 +180,7 @@ def measure_setting(name: str, batch: int, seq: int, layout: str, fused: bool = 
 
 def main() -> int:
     out = open(sys.argv[1], "a") if len(sys.argv) > 1 else None
-    for s in [(*x, True, None) for x in SETTINGS] + EXTRA:
+    for s in [(*x, True, None, None) for x in SETTINGS] + EXTRA:
         res = measure_setting(*s)
         print(json.dumps(res), flush=True)
         if out:

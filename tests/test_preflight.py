@@ -225,3 +225,12 @@ def test_layouts_and_options_change_the_cpu_estimate_where_they_change_memory() 
     gpu = load_job(str(ROOT / "jobs" / "train-72b.yaml"))
     rep = pf.preflight(gpu, hardware=NO_HW)
     assert rep.setup is not None and rep.setup.layout == "varlen" and not rep.setup.cpu
+
+
+def test_compiled_layers_on_a_cpu_save_less_and_pay_for_inductor() -> None:
+    eager = {c.name: c.bytes for c in _smollm2_cpu().components}
+    compiled = {c.name: c.bytes for c in _smollm2_cpu("train.compile=true").components}
+    assert compiled["activations"] < eager["activations"]
+    assert compiled["torch.compile (inductor)"] == 240 * 1024**2
+    varlen = {c.name for c in _smollm2_cpu("train.compile=true", "train.layout=varlen").components}
+    assert "torch.compile (inductor)" not in varlen  # the trainer compiles no varlen layers
