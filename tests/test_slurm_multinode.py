@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slurm_multinode, pytest.mark.slow]
 PARTITION = "multi"
 NODES, PROCESSES = 2, 2
 WORLD = NODES * PROCESSES
-STEPS = 40
+STEPS = 60
 SAVE_EVERY = 5
 TOL = 1e-5  # metrics keep 6 decimals; measured: the 4-rank and 1-process losses differ by at most 2e-6
 
@@ -121,8 +121,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def interrupted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One 2-node run, stopped twice: a plain `scancel` (then `runner run` resubmits it), and `scontrol requeue`
-    (Slurm restarts the same job). Returns what each phase printed and how long it took."""
+    """One 2-node run, stopped three times: a plain `scancel` (then `runner run` resubmits it), `scontrol requeue`
+    (Slurm restarts the same job) and `runner cancel` (then `runner run` resubmits it again). Returns what each
+    phase printed and how long it took."""
     tmp = tmp_path_factory.mktemp("two-nodes")
     home = tmp / "home"
     job = _job(tmp, "two-nodes", WORLD)
@@ -158,7 +159,7 @@ def interrupted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     # 2. `runner run` again: the same run, a new Slurm job, resumed from that checkpoint; then Slurm requeues it
     t2 = time.monotonic()
     proc = _runner(job, env)
-    later = stopped // SAVE_EVERY * SAVE_EVERY + 2 * SAVE_EVERY
+    later = _next_save(stopped) + SAVE_EVERY
     _wait(lambda: (run_dir / "checkpoints" / f"step-{later:08d}").is_dir(), 300, f"checkpoint {later}", proc)
     t["resubmit_to_checkpoint_s"] = time.monotonic() - t2
     second_job = _slurm_job(run_dir)
@@ -171,13 +172,35 @@ def interrupted(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     time.sleep(2.5)
     subprocess.run(["scontrol", "update", f"JobId={second_job}", "StartTime=now"], check=True, capture_output=True,
                    timeout=10)
+
+    # 3. once the requeued start has saved again, `runner cancel` (USR2 to the batch script, which asks for SIGTERM)
+    log = run_dir / "run.log"
+    _wait(lambda: f"job {second_job} on node[1-2] (start 2)" in log.read_text(), 300, "the restart", proc)
+    requeue_stop = int(log.read_text().split("stopped by signal 15 at step ")[2].split(";")[0])
+    after = _next_save(requeue_stop)
+    _wait(lambda: (run_dir / "checkpoints" / f"step-{after:08d}").is_dir(), 300, f"checkpoint {after}", proc)
+    t["requeue_to_resumed_checkpoint_s"] = time.monotonic() - t3
+    t4 = time.monotonic()
+    out["runner_cancel"] = run_cli("cancel", "two-nodes", env={"RUNNER_HOME": str(home)}, timeout=120)
+    out["runner_cancel_out"], _ = proc.communicate(timeout=120)
+    t["runner_cancel_to_exit_s"] = time.monotonic() - t4
+    out["runner_cancel_code"] = proc.returncode
+    out["runner_cancel_status"] = json.loads((run_dir / "status.json").read_text())
+
+    # 4. `runner run` once more: resumed again, to the end
+    t5 = time.monotonic()
+    proc = _runner(job, env)
     out["final_out"], _ = proc.communicate(timeout=600)
-    t["requeue_to_end_s"] = time.monotonic() - t3
+    t["last_resubmit_to_end_s"] = time.monotonic() - t5
     t["total_s"] = time.monotonic() - t0
     out.update(final_code=proc.returncode, run_dir=run_dir, jobs=(first_job, second_job), later=later,
-               final_log=(run_dir / "run.log").read_text())
+               requeue_stop=requeue_stop, final_log=log.read_text())
     print("two-node wall times:", json.dumps({k: round(v, 1) for k, v in t.items()}))
     return out
+
+
+def _next_save(step: int) -> int:
+    return step // SAVE_EVERY * SAVE_EVERY + SAVE_EVERY
 
 
 def _manifest_ok(ckpt: Path) -> bool:
@@ -205,7 +228,7 @@ def test_the_job_renders_two_nodes_of_two_cpu_ranks(tmp_path: Path) -> None:
 def test_two_nodes_train_with_the_losses_of_one_process(interrupted: dict[str, Any], reference: Path) -> None:
     log = interrupted["final_log"]
     # Every start placed two ranks on each node, which met at node1's address (not a loopback one).
-    assert log.count(f"ranks: {WORLD} on 2 node(s) (node1 x2, node2 x2), backend gloo") == 3, log
+    assert log.count(f"ranks: {WORLD} on 2 node(s) (node1 x2, node2 x2), backend gloo") == 4, log
     assert "slurm: rendezvous node1:" in log and "(address 10.77.0.11)" in log, log
     assert "on node[1-2]" in log
     got, want = _losses(interrupted["run_dir"]), _losses(reference)
@@ -232,14 +255,25 @@ def test_scancel_leaves_a_complete_checkpoint(interrupted: dict[str, Any]) -> No
     assert {f"{k}.rank{r}.pt" for k in ("optimizer", "rng") for r in range(WORLD)} <= interrupted["stop_files"]
 
 
-def test_resubmitted_then_requeued_run_resumes_exactly(interrupted: dict[str, Any]) -> None:
+def test_runner_cancel_stops_both_nodes_at_a_checkpoint(interrupted: dict[str, Any]) -> None:
+    assert interrupted["runner_cancel"].returncode == 0, interrupted["runner_cancel"].stderr
+    # The launcher ends 143 on the SIGTERM it forwards; the script reports the workload's 130 (checkpointed).
+    assert interrupted["runner_cancel_code"] == 130, interrupted["runner_cancel_out"][-3000:]
+    st = interrupted["runner_cancel_status"]
+    assert st["state"] == "cancelled" and st["exit_code"] == 130
+    assert "slurm: cancel: asking the workload to checkpoint and stop" in interrupted["final_log"]
+
+
+def test_resubmitted_and_requeued_run_resumes_exactly(interrupted: dict[str, Any]) -> None:
     out, log = interrupted["final_out"], interrupted["final_log"]
     assert interrupted["final_code"] == 0, out[-3000:]
     assert f"runner: resuming two-nodes/{interrupted['run_dir'].name}" in out  # the same run, resubmitted
     first, second = interrupted["jobs"]
     assert first != second
     assert f"slurm: job {second} on node[1-2] (start 2)" in log  # requeued by Slurm: the same job again
+    stops = [int(part.split(";")[0]) for part in log.split("stopped by signal 15 at step ")[1:]]
     resumed = [int(part.split()[0]) for part in log.split("resuming from step ")[1:]]
-    assert resumed[0] == interrupted["stopped_at"] and resumed[1] >= interrupted["later"], resumed
+    assert len(stops) == 3 and resumed == stops, (stops, resumed)  # each start resumed where the last stopped
+    assert stops[0] == interrupted["stopped_at"] and stops[1] >= interrupted["later"]
     st = json.loads((interrupted["run_dir"] / "status.json").read_text())
     assert st["state"] == "succeeded" and st["exit_code"] == 0
