@@ -23,30 +23,46 @@ import torch
 
 
 class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + bias + scale * (x A^T) B^T. The base matmul runs in the base weight's dtype and the low-rank
+    path in the adapter's (PEFT keeps adapters in fp32 on a bf16 base); with one dtype the update is added in place
+    into the base output."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
-        u = x2 @ a.t()
-        y.addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, w, a, b, u)
+        xw = x2.to(w.dtype)
+        y = torch.addmm(bias.to(w.dtype), xw, w.t()) if bias is not None else xw @ w.t()
+        xa = x2.to(a.dtype)
+        u = xa @ a.t()
+        if y.dtype == b.dtype:
+            y.addmm_(u, b.t(), alpha=scale)
+        else:
+            y.add_((u @ b.t()).mul_(scale).to(y.dtype))
+        ctx.save_for_backward(xa, w, a, b, u)
         ctx.scale = scale
         ctx.shape = shape
+        ctx.x_dtype = x.dtype
         return y.view(*shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, w, a, b, u = ctx.saved_tensors
+        xa, w, a, b, u = ctx.saved_tensors
         s = ctx.scale
         g2 = g.reshape(-1, g.shape[-1])
-        gu = g2 @ b  # [N, r]
-        db = (g2.t() @ u).mul_(s) if ctx.needs_input_grad[4] else None
-        da = (gu.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None
+        ga = g2.to(b.dtype)
+        gu = ga @ b  # [N, r]
+        db = (ga.t() @ u).mul_(s) if ctx.needs_input_grad[4] else None
+        da = (gu.t() @ xa).mul_(s) if ctx.needs_input_grad[3] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (g2 @ w).addmm_(gu, a, alpha=s).view(ctx.shape)
+            base = g2.to(w.dtype) @ w
+            if base.dtype == a.dtype:
+                dx = base.addmm_(gu, a, alpha=s)
+            else:
+                dx = base.to(a.dtype).addmm_(gu, a, alpha=s)
+            dx = dx.to(ctx.x_dtype).view(ctx.shape)
         return dx, None, None, da, db, None
 
 
@@ -74,10 +90,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return self._qa_peft_forward(x, *args, **kwargs)
     base = self.base_layer
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    dtype = x.dtype
-    x = x.to(a.dtype)
     out = _LoraLinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]))
-    return out.to(dtype)
+    return out.to(x.dtype)
 
 
 def fuse_lora(model: Any) -> int:
