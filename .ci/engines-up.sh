@@ -25,6 +25,15 @@ fi
     || { echo "engines-up: vLLM does not import in .venv-vllm" >&2; exit 1; }
 echo "engines-up: vLLM imports in .venv-vllm (torch $(.venv-vllm/bin/python -c 'import torch; print(torch.__version__)'))"
 
+# The cpu-vllm image (images/cpu-vllm.yaml), built offline like the cpu image, for the containerised vLLM test.
+if docker info >/dev/null 2>&1 && docker image inspect qa-runner-base:bookworm-2 >/dev/null 2>&1; then
+    .venv/bin/python -m runner.images wheels cpu-vllm
+    echo "engines-up: building the cpu-vllm image (minutes the first time; instant when its tag exists)"
+    .venv/bin/python -m runner.images build cpu-vllm | tail -n 2
+else
+    echo "engines-up: no Docker engine or no offline base image: the cpu-vllm image is not built"
+fi
+
 if [ -f .ci/llamacpp-up.sh ]; then
     bash .ci/llamacpp-up.sh
 fi

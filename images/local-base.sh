@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the offline base image for the `cpu` flavour and fetch the wheels it installs, with no registry:
-#   1. qa-runner-base:bookworm from Debian's packages (debootstrap + docker import); skipped when it exists.
+#   1. qa-runner-base:bookworm-2 from Debian's packages (debootstrap + docker import); skipped when it exists.
+#      Python 3.11 and libnuma1 (vLLM's CPU kernels link it); the -2 says which package set it has.
 #   2. cp311 wheels for images/cpu.yaml's packages into images/.wheels/ (pip download on the host).
 #   3. with --build: the cpu image itself (python -m runner.images build cpu), skipped when its tag exists.
 # Usage: images/local-base.sh [--build]
@@ -9,7 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-$root/.venv/bin/python}"
-base_image="${BASE_IMAGE:-qa-runner-base:bookworm}"
+base_image="${BASE_IMAGE:-qa-runner-base:bookworm-2}"
 suite="${DEBIAN_SUITE:-bookworm}"
 
 debian_mirror() {
@@ -31,7 +32,7 @@ else
     rootfs="$(mktemp -d /tmp/qa-runner-rootfs.XXXXXX)"
     trap 'rm -rf "$rootfs"' EXIT
     echo "local-base: debootstrap $suite from $mirror (about a minute)"
-    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip "$suite" "$rootfs" "$mirror" >/tmp/qa-runner-debootstrap.log 2>&1 \
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,libnuma1 "$suite" "$rootfs" "$mirror" >/tmp/qa-runner-debootstrap.log 2>&1 \
         || { tail -n 30 /tmp/qa-runner-debootstrap.log >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | docker import -c 'CMD ["/bin/bash"]' -c 'ENV LANG=C.UTF-8' - "$base_image" >/dev/null

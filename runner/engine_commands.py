@@ -47,6 +47,8 @@ def vllm_command(spec: Any, model_dir: str, adapter_dir: str | None, *, port: in
             "--max-logprobs", "20",
             "--generation-config", "vllm",
             "--seed", "0"]
+    if spec.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
     if gpu:
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     eager = spec.enforce_eager if spec.enforce_eager is not None else not gpu

@@ -116,6 +116,12 @@ def wheel_files(wheels_dir: Path = WHEELS_DIR) -> list[Path]:
     return sorted(p for p in wheels_dir.glob("*.whl")) if wheels_dir.is_dir() else []
 
 
+def wheels_dir_of(name: str, wheels_dir: Path = WHEELS_DIR) -> Path:
+    """Where an offline image's wheels live: images/.wheels/ for `cpu`, images/.wheels/NAME/ for the others (so
+    a large image's wheels, vLLM's, neither enter the cpu image's build context nor change its tag)."""
+    return wheels_dir if name == "cpu" else wheels_dir / name
+
+
 def _hash_inputs(dockerfile: str, d: ImageDef, root: Path, wheels_dir: Path) -> str:
     h = hashlib.sha256(dockerfile.encode())
     for rel, p in project_files(root):
@@ -133,7 +139,7 @@ def render_image(name: str, images_dir: Path = IMAGES_DIR, root: Path = PROJECT_
     """The image `name` as it would be built: rendered Dockerfile, base and content-addressed tag."""
     d = load_image_def(name, images_dir)
     dockerfile = render_dockerfile(name, d)
-    tag = f"{TAG_PREFIX}{name}:{_hash_inputs(dockerfile, d, root, wheels_dir)}"
+    tag = f"{TAG_PREFIX}{name}:{_hash_inputs(dockerfile, d, root, wheels_dir_of(name, wheels_dir))}"
     return ImageRef(name=name, flavour=d.flavour, tag=tag, dockerfile=dockerfile, base=d.base)
 
 
@@ -160,6 +166,7 @@ def _add_file(tar: tarfile.TarFile, arcname: str, path: Path) -> None:
 def write_context(ref: ImageRef, out: Any, root: Path = PROJECT_ROOT, wheels_dir: Path = WHEELS_DIR) -> None:
     """The build context as an uncompressed tar: Dockerfile, project/ and (offline images) wheels/."""
     d = load_image_def(ref.name)
+    wheels_dir = wheels_dir_of(ref.name, wheels_dir)
     with tarfile.open(fileobj=out, mode="w") as tar:
         _add_bytes(tar, "Dockerfile", ref.dockerfile.encode())
         for rel, p in project_files(root):
@@ -195,11 +202,13 @@ def _check_inputs(ref: ImageRef, client: Any) -> None:
                 f"({e.explanation or e}); {d.base_hint}"
             ) from None
     if d.wheels == "local":
-        have = {_req_name(w.name.split("-")[0]) for w in wheel_files()}
+        where = wheels_dir_of(ref.name)
+        have = {_req_name(w.name.split("-")[0]) for w in wheel_files(where)}
         missing = [p for p in d.packages if _req_name(p) not in have]
         if missing:
             raise ImageError(
-                f"image {ref.name!r} installs offline but images/.wheels/ lacks {', '.join(missing)}; "
+                f"image {ref.name!r} installs offline but {where.relative_to(PROJECT_ROOT)}/ lacks "
+                f"{', '.join(missing)}; "
                 f"run `python -m runner.images wheels {ref.name}` (or images/local-base.sh)"
             )
 
@@ -272,6 +281,7 @@ def download_wheels(name: str, wheels_dir: Path = WHEELS_DIR) -> int:
     if d.wheels != "local":
         print(f"image {name!r} installs from an index at build time; nothing to download")
         return 0
+    wheels_dir = wheels_dir_of(name, wheels_dir)
     wheels_dir.mkdir(parents=True, exist_ok=True)
     stamp = wheels_dir / f".{name}.stamp"
     want = hashlib.sha256("\n".join(d.packages).encode()).hexdigest()

@@ -186,7 +186,7 @@ def engine() -> object:
 def cpu_image(engine: object) -> str:
     from runner import images
 
-    if not images.image_exists(engine, "qa-runner-base:bookworm") or not images.wheel_files():
+    if not images.image_exists(engine, "qa-runner-base:bookworm-2") or not images.wheel_files():
         subprocess.run([str(ROOT / "images" / "local-base.sh")], check=True, timeout=900)
     ref = images.render_image("cpu")
     images.ensure_image(ref, engine, log=lambda line: None)

@@ -147,3 +147,44 @@ def test_a_missing_vllm_is_a_clear_error(smollm2: Path, tmp_path: Path) -> None:
     out = p.stdout + p.stderr
     assert p.returncode == 1, out
     assert "engine vllm:" in out and "does not exist" in out and "Traceback" not in out, out
+
+
+@pytest.mark.docker
+def test_the_cpu_vllm_image_serves_through_vllm_in_a_container(smollm2: Path, runner_home: Path,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    """`engine: vllm` with `image: cpu` runs in the cpu-vllm image (built offline): vLLM inside the container,
+    the service in front, answering on the port serve.json names."""
+    from runner import images
+    from runner.backends.docker import client
+
+    engine = client(timeout=30)
+    ref = images.render_image("cpu-vllm")
+    images.ensure_image(ref, engine, log=lambda line: None)
+    f = tmp_path / "serve-vllm-docker.yaml"
+    f.write_text("kind: serve\nname: serve-vllm-docker\nbackend: docker\nimage: cpu\nmodel: {base: smollm2-135m}\n"
+                 "engine: vllm\nvllm: {max_model_len: 1024, max_num_seqs: 8}\nthreads: 2\n"
+                 "server: {port: 0, max_seconds: 900}\nanswer: {deadline_s: 120}\n")
+    from tests.conftest import run_cli
+
+    p = run_cli("run", str(f), "--detach", timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run_dir = next((runner_home / "runs" / "serve-vllm-docker").iterdir())
+    try:
+        end = time.monotonic() + 900
+        while time.monotonic() < end and not (run_dir / "serve.json").exists():
+            state = json.loads((run_dir / "status.json").read_text())["state"]
+            assert state in ("pending", "running"), (run_dir / "run.log").read_text()[-4000:]
+            time.sleep(2)
+        assert (run_dir / "serve.json").exists(), (run_dir / "run.log").read_text()[-4000:]
+        url = json.loads((run_dir / "serve.json").read_text())["url"]
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert "[vllm]" in health["model"], health
+        r = httpx.post(f"{url}/v1/answer", json={"question": "What is the capital of France?",
+                                                 "choices": ["Berlin", "Paris", "Madrid", "Rome"]}, timeout=300)
+        assert r.status_code == 200 and r.json()["answer"] in "ABCD", r.text
+        log = (run_dir / "run.log").read_text()
+        assert "/opt/venv/bin/python -m vllm.entrypoints.openai.api_server" in log, log[-3000:]
+        assert list(run_dir.glob("vllm-*.log")), sorted(p.name for p in run_dir.iterdir())
+    finally:
+        p = run_cli("cancel", run_dir.name, "--grace", "60", timeout=180)
+    assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr

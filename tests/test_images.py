@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_cpu_image_installs_offline_from_local_wheels_in_a_build_stage() -> None:
     ref = render_image("cpu")
     df = ref.dockerfile
-    assert ref.flavour == "cpu" and ref.base == "qa-runner-base:bookworm"
+    assert ref.flavour == "cpu" and ref.base == "qa-runner-base:bookworm-2"
     assert re.fullmatch(r"qa-runner-cpu:[0-9a-f]{12}", ref.tag)
     froms = re.findall(r"^FROM (\S+)", df, flags=re.M)
-    assert froms == ["qa-runner-base:bookworm", "qa-runner-base:bookworm"]  # wheels never reach the final image
+    assert froms == ["qa-runner-base:bookworm-2", "qa-runner-base:bookworm-2"]  # wheels never reach the final image
     assert "--no-index --find-links /tmp/wheels" in df
     assert "torch==2.13.0+cpu" in df
     assert "COPY --from=deps /opt/venv /opt/venv" in df

@@ -37,6 +37,10 @@ class VllmSpec(Section):
         0.9, gt=0.05, le=0.99, description="`--gpu-memory-utilization`: share of GPU memory vLLM may take."
     )
     max_num_seqs: int = Field(64, ge=1, le=4096, description="`--max-num-seqs`: sequences batched together.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=64, le=1_048_576, description="`--max-num-batched-tokens`: tokens one engine step takes (default: "
+        "vLLM's for the platform)."
+    )
     max_lora_rank: int | None = Field(
         None, ge=1, le=512, description="`--max-lora-rank` (default: the adapter's r, rounded up to what vLLM takes)."
     )
