@@ -282,23 +282,32 @@ def test_resubmitted_and_requeued_run_resumes_exactly(interrupted: dict[str, Any
 def test_the_same_stop_signal_twice_still_checkpoints(tmp_path: Path) -> None:
     # What a rank gets from `scancel` under srun + accelerate launch: SIGTERM from Slurm (to every process of the
     # step) and again from the launcher. The second must not turn into "stop now, without a checkpoint". No
-    # cluster needed: one local trainer, signalled twice.
+    # cluster needed: one local trainer, signalled a second time as soon as it has taken the first.
     import signal
+    import threading
 
     from train_helpers import start_train, write_run_dir
 
-    run_dir = write_run_dir(tmp_path / "run", tiny_job(train={"steps": 2000, "save_every": 5, "eval_every": 1000}))
+    # Wide enough (~0.1 s a step) that the second signal lands before the step and its checkpoint are done.
+    job = tiny_job(train={"steps": 2000, "save_every": 5, "eval_every": 1000, "batch_size": 8})
+    job["model"]["tiny"].update(hidden_size=256, layers=2, heads=4)
+    run_dir = write_run_dir(tmp_path / "run", job)
     proc = start_train(run_dir, Path(os.environ["RUNNER_CACHE"]))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")) if proc.stdout else None)
+    reader.start()
     try:
         _wait(lambda: (run_dir / "checkpoints" / f"step-{SAVE_EVERY:08d}").is_dir(), 300, "a checkpoint", proc)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # long enough that the first handler has run: two separate deliveries
+        _wait(lambda: any("received a stop request" in ln for ln in lines), 60, "the first signal's handler")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, out[-2000:]
+        reader.join(10)
+    out = "".join(lines)
     assert "\ninterrupted\n" not in out and "Traceback" not in out, out[-2000:]
+    assert proc.returncode == 130, out[-2000:]
     stopped = int(out.split("stopped by signal 15 at step ")[1].split(";")[0])
     assert stopped < 2000 and _manifest_ok(run_dir / "checkpoints" / f"step-{stopped:08d}")

@@ -460,7 +460,7 @@ def run(job: Any, run_dir: Path) -> int:
                 return  # the same request, delivered twice
             raise KeyboardInterrupt  # a second request: stop now
         trainer.stop_signal, trainer.stop_since = signum, time.monotonic()
-        print(f"received {stop_reason(signum)}: finishing this step and saving a checkpoint", flush=True)
+        trainer.log(f"received {stop_reason(signum)}: finishing this step and saving a checkpoint")  # rank 0 only
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
