@@ -4,7 +4,9 @@
 # hostname, own spool directory, log and pid file), sharing the host's files (the project, its venv, the runs) and
 # munged's socket, as a cluster shares its storage. One slurmctld (the host's) schedules both partitions.
 # Idempotent: a second call finds everything in place and only checks that both nodes are idle.
+# Needs root with CAP_NET_ADMIN (network namespaces, a bridge, an iptables rule) and CAP_SYS_ADMIN (mounts).
 # Usage (as root, after .ci/slurm-up.sh): .ci/multinode-up.sh     env: MULTINODE_UP_TIMEOUT=90 (seconds)
+#        .ci/multinode-up.sh --down   stops the two nodes and removes all of the above; `debug` stays as it was.
 set -euo pipefail
 
 timeout_s=${MULTINODE_UP_TIMEOUT:-90}
@@ -20,6 +22,45 @@ log() { echo "multinode-up: $*" >&2; }
 if [ "$(id -u)" != 0 ]; then
   log "must run as root (network namespaces, a bridge and slurmd are set up here)"
   exit 1
+fi
+
+# The block between the markers (exact lines, so no pattern syntax), and the file without it.
+block_of() { awk -v b="$begin" -v e="$end" '$0 == b {on = 1} on {print} $0 == e {on = 0}' "$1"; }
+without_block() { awk -v b="$begin" -v e="$end" '$0 == b {off = 1} !off {print} $0 == e {off = 0}' "$1"; }
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+slurmd_of() {  # the pid of node $1's slurmd, if it runs
+  local f="$state/$1/slurmd.pid"
+  running "$f" && [ "$(cat "/proc/$(cat "$f")/comm" 2>/dev/null)" = slurmd ] && cat "$f"
+}
+stop_pid() { kill "$1"; for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; }
+restart_slurmctld() {  # it learns of added or removed nodes only at start (running jobs survive: state is saved)
+  if running /run/slurmctld.pid; then
+    log "restarting slurmctld to load the node list"
+    stop_pid "$(cat /run/slurmctld.pid)"
+  fi
+  /usr/sbin/slurmctld
+  for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+  scontrol reconfigure >/dev/null 2>&1 || true  # the host's slurmd rereads slurm.conf
+}
+
+if [ "${1:-}" = --down ]; then
+  for n in "${nodes[@]}"; do
+    if pid=$(slurmd_of "$n"); then log "stopping slurmd for $n"; stop_pid "$pid"; fi
+    if ip netns list | grep -qw "^$n"; then log "deleting network namespace $n"; ip netns del "$n"; fi
+    rm -rf "/etc/netns/$n" "${state:?}/$n"
+  done
+  if ip link show "$bridge" >/dev/null 2>&1; then log "deleting bridge $bridge"; ip link del "$bridge"; fi
+  while iptables -D FORWARD -i "$bridge" -o "$bridge" -j ACCEPT 2>/dev/null; do :; done
+  if [ -s "$conf" ] && grep -qxF "$begin" "$conf"; then
+    log "removing the partition multi from $conf"
+    tmp=$(mktemp "$conf.XXXXXX")
+    without_block "$conf" >"$tmp"
+    chmod 644 "$tmp"
+    mv "$tmp" "$conf"
+    restart_slurmctld
+  fi
+  log "two-node partition removed"
+  exit 0
 fi
 
 # 1. packages, and the single-node cluster this extends
@@ -104,9 +145,6 @@ $(for i in "${!nodes[@]}"; do
   done)
 PartitionName=multi Nodes=$(IFS=,; echo "${nodes[*]}") Default=NO MaxTime=INFINITE State=UP
 $end"
-# The block between the markers (exact lines, so no pattern syntax), and the file without it.
-block_of() { awk -v b="$begin" -v e="$end" '$0 == b {on = 1} on {print} $0 == e {on = 0}' "$1"; }
-without_block() { awk -v b="$begin" -v e="$end" '$0 == b {off = 1} !off {print} $0 == e {off = 0}' "$1"; }
 current=$(block_of "$conf")
 changed=""
 if [ "$current" != "$block" ]; then
@@ -119,18 +157,9 @@ if [ "$current" != "$block" ]; then
   changed=1
 fi
 
-# 4. the controller learns of new nodes only on a restart (running jobs survive it: state is saved)
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# 4. the controller learns of new nodes only on a restart
 if [ -n "$changed" ] || ! scontrol show node "${nodes[0]}" >/dev/null 2>&1; then
-  if running /run/slurmctld.pid; then
-    log "restarting slurmctld to load the new nodes"
-    pid=$(cat /run/slurmctld.pid)
-    kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
-  /usr/sbin/slurmctld
-  for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-  scontrol reconfigure >/dev/null 2>&1 || true  # the host's slurmd rereads slurm.conf
+  restart_slurmctld
 fi
 
 # 5. one slurmd per node, each in its namespaces: hostname = node name (so no `slurmd -N`), and its own
@@ -140,12 +169,10 @@ for n in "${nodes[@]}"; do
   d="$state/$n"
   install -d "$d/spool" "$d/log"
   [ -e "$d/slurmd.pid" ] || : >"$d/slurmd.pid"
-  if running "$d/slurmd.pid" && [ "$(cat "/proc/$(cat "$d/slurmd.pid")/comm" 2>/dev/null)" = slurmd ]; then
+  if pid=$(slurmd_of "$n"); then
     [[ " ${restart[*]} " == *" $n "* ]] || continue
     log "restarting slurmd for $n (its hosts file changed)"
-    pid=$(cat "$d/slurmd.pid")
-    kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    stop_pid "$pid"
   fi
   log "starting slurmd for $n (network namespace $n)"
   # nsenter rather than `ip netns exec`, which remounts /sys without the cgroup tree slurmd reads.
