@@ -69,3 +69,21 @@ def test_bad_engine_fields_are_refused_with_where_and_how(tmp_path: Path, body: 
     msg = p.stdout + p.stderr
     assert says in msg and "Traceback" not in msg, msg
     assert where in msg, msg
+
+
+def test_an_engine_that_fails_a_pass_gets_the_fallback_answer_not_an_error() -> None:
+    """A vLLM server that dies mid-service: each answer is the fallback (a valid answer, said so), not a 500."""
+    from runner.workloads.agents.answer import AnswerAgent, AnswerItem
+    from runner.workloads.recipes.pretrain_tiny import build_tiny_tokenizer
+    from runner.workloads.serving.engines import EngineError, EngineModel
+
+    class DeadServer(EngineModel):
+        engine = "vllm"
+
+        def letter_logprobs(self, prompts, letter_ids, timeout_s=None):  # type: ignore[no-untyped-def]
+            raise EngineError("engine vllm: the server has exited (code -9)")
+
+    agent = AnswerAgent([(DeadServer("dead"), build_tiny_tokenizer())], reasoning=True)
+    out = agent.answer_many([AnswerItem("2 + 2 = ?", ["3", "4", "five", "22"])])
+    assert out[0]["answer"] == "C" and "the engine failed to score" in out[0]["reasoning"], out
+    assert agent.engine_errors == 1

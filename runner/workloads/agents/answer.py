@@ -15,6 +15,7 @@ from runner.workloads.agents.reasoning import ReasoningWriter, check_reasoning_m
 from runner.workloads.scoring.calibration import rotated, unrotated
 from runner.workloads.scoring.prompts import LETTERS, Prompter, prompter, resolve_prompt, strip_choice_prefix
 from runner.workloads.scoring.scorer import score_mcq
+from runner.workloads.serving.engines import EngineError
 
 MAX_DEADLINE_S = 120.0  # the longest deadline one answer request may ask for
 
@@ -90,6 +91,8 @@ class AnswerAgent:
         self.writer = (ReasoningWriter(*self.members[0], max_new_tokens=reasoning_tokens, batch_size=batch_size)
                        if self.reasoning == "model" else None)
         self._pass_seconds: float | None = None
+        self.engine_errors = 0  # passes an engine failed (each answered by the passes done or the fallback)
+        self.last_engine_error = ""
 
     @property
     def tokenizer(self) -> Any:
@@ -117,7 +120,13 @@ class AnswerAgent:
                 break
             shifted = [AnswerItem(it.question, rotated(it.choices, shift)) for it in items]
             t0 = time.monotonic()
-            probs = score_mcq(model, tok, shifted, batch_size=self.batch_size, prompt=self.prompts[k])
+            try:
+                probs = score_mcq(model, tok, shifted, batch_size=self.batch_size, prompt=self.prompts[k])
+            except EngineError as e:  # vLLM / llama.cpp failed this pass: answer with the passes done, or fall back
+                self.engine_errors += 1
+                self.last_engine_error = str(e)
+                print(f"warning: {e}", flush=True)
+                break
             dt = time.monotonic() - t0
             self._pass_seconds = dt if self._pass_seconds is None else 0.7 * self._pass_seconds + 0.3 * dt
             if shift == 0:  # the unrotated pass: letters already in the original order
@@ -145,9 +154,11 @@ class AnswerAgent:
             return []
         if deadline is None:
             deadline = time.monotonic() + self.deadline_s
+        errors = self.engine_errors
         probs, passes = self.probabilities(items, deadline)
         if passes == 0:
-            return [self.fallback(it) for it in items]
+            why = "the engine failed to score" if self.engine_errors > errors else "no time to score"
+            return [self.fallback(it, why) for it in items]
         out = []
         for row, it in zip(probs.tolist(), items, strict=True):
             p = row[: len(it.choices)]
