@@ -3,8 +3,12 @@ llama-cpp-python, asked for exactly the project's token ids.
 
 The GGUF's vocabulary was converted from the project's Hugging Face tokenizer, so token ids agree; `start` checks
 that once (the same probe text tokenised both ways) and refuses a GGUF whose ids differ, since letters would then
-be read at the wrong ids. llama.cpp's context is not thread-safe: one lock serialises every call. Consecutive
-prompts that share a prefix (few-shot headers, the same question) reuse its KV cache.
+be read at the wrong ids. llama.cpp's context is not thread-safe: one lock serialises every call.
+
+Every prompt is evaluated whole, from an empty KV cache. Reusing a cached prefix would evaluate only the rest,
+and llama.cpp picks its matrix kernels by the number of tokens in a batch: the same question then gets letter
+log-probabilities that differ in the second decimal depending on the request before it (measured: -2.81 vs
+-2.73), and a seeded sample would not repeat.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ class LlamaCppModel(EngineModel):
         with self._acquire(deadline):
             llm = self._llm
             llm.set_seed(int(seed) % 2**32 if seed is not None else self._lib.LLAMA_DEFAULT_SEED)
+            llm.reset()  # no cached prefix (see the module's note): generate() evaluates the whole prompt
             # temperature 0: greedy; otherwise plain temperature + top-p sampling (no top-k, min-p or penalties)
             for tok in llm.generate(ids, top_k=0, top_p=float(top_p), min_p=0.0, typical_p=1.0,
                                     temp=max(0.0, float(temperature)), repeat_penalty=1.0, reset=True):
@@ -168,16 +173,10 @@ class LlamaCppModel(EngineModel):
         return ids
 
     def _last_logits(self, ids: list[int]) -> np.ndarray:
-        """Logits after `ids`, reusing the KV cache of the longest prefix shared with the previous prompt
-        (at least the last token is evaluated again, so the logits are this prompt's)."""
+        """Logits of the next token after `ids`, the whole prompt evaluated from an empty cache."""
         llm = self._llm
-        cached = llm.input_ids[: llm.n_tokens]
-        keep = 0
-        limit = min(len(cached), len(ids) - 1)
-        while keep < limit and cached[keep] == ids[keep]:
-            keep += 1
-        llm.n_tokens = keep  # eval() drops the KV cache past n_tokens first
-        llm.eval(ids[keep:])
+        llm.reset()  # n_tokens 0: eval() drops the whole KV cache first
+        llm.eval(ids)
         ptr = self._lib.llama_get_logits_ith(llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
