@@ -409,12 +409,15 @@ def promote(
     gguf: str | None = typer.Option(
         None, "--gguf", help="Also store GGUF files of the merged weights for llama.cpp, e.g. q8_0 or q8_0,q4_k_m "
         "(implies --merge; needs `bash .ci/llamacpp-up.sh`)."),
+    serve: str | None = typer.Option(
+        None, "--serve", help="With --image: the serve job the image runs (its engine, e.g. jobs/serve-vllm.yaml "
+        "builds FROM the vLLM image, and its agent and server settings); the builtin engine otherwise."),
 ) -> None:
     """Copy a checkpoint into the registry as a new immutable version; optionally move an alias, build an image."""
     from runner.registry_cli import promote_main
 
     raise Exit(promote_main(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force,
-                            gguf=gguf))
+                            gguf=gguf, serve=_load(serve) if serve is not None else None))
 
 
 @registry_app.command("ls")

@@ -29,10 +29,10 @@ def _err(msg: str) -> None:
 
 
 def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = None, image: bool = False,
-                 merge: bool = False, force: bool = False, gguf: str | None = None) -> int:
+                 merge: bool = False, force: bool = False, gguf: str | None = None, serve: Any | None = None) -> int:
     try:
         p = promote(ref, to, checkpoint=checkpoint, alias=alias, image=image, merge=merge, force=force, gguf=gguf,
-                    log=_progress)
+                    serve=serve, log=_progress)
     except RegistryError as e:
         _err(f"error: {e}" if not str(e).startswith("gate:") else str(e))
         return e.code
@@ -51,7 +51,8 @@ def promote_main(ref: str, to: str, *, checkpoint: str = "best", alias: str | No
     for t, g in sorted((p.manifest.get("gguf") or {}).items()):
         print(f"gguf: {t} {p.vdir / g['path']} ({g['size'] / 1e6:.1f} MB)")
     if p.manifest.get("image"):
-        print(f"image: {p.manifest['image']['tag']} {p.manifest['image']['id']}")
+        img = p.manifest["image"]
+        print(f"image: {img['tag']} {img['id']} (engine {img.get('engine', 'builtin')}, FROM {img['base']})")
     return EXIT_OK
 
 

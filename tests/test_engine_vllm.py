@@ -188,3 +188,72 @@ def test_the_cpu_vllm_image_serves_through_vllm_in_a_container(smollm2: Path, ru
     finally:
         p = run_cli("cancel", run_dir.name, "--grace", "60", timeout=180)
     assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.docker
+def test_promote_image_with_a_vllm_serve_job_serves_the_version_through_vllm(smollm2: Path,  # noqa: F811
+                                                                             tmp_path: Path) -> None:
+    """`runner promote --image --serve FILE` with `engine: vllm`: the serving image is built FROM the cpu-vllm
+    image with the serve job's engine and settings baked in, and the container serves the promoted adapter
+    through vLLM behind the service, its token from the container's environment."""
+    from runner import images
+    from runner.backends.docker import client
+    from tests.conftest import run_cli
+
+    engine = client(timeout=600)
+    images.ensure_image(images.render_image("cpu-vllm"), engine, log=lambda line: None)
+    env = {"RUNNER_HOME": str(tmp_path / "home"), "RUNNER_CACHE": str(TEST_CACHE)}
+    job = tmp_path / "train-vllm-image.yaml"
+    job.write_text(
+        "kind: train\nname: train-vllm-image\nmodel:\n  base: smollm2-135m\nlora:\n  r: 8\n  alpha: 16\n"
+        f"data:\n  train:\n    - {{path: {MMLU / 'dev'}, format: mmlu_csv}}\n  val_fraction: 0.1\n  val_limit: 6\n"
+        "train:\n  steps: 3\n  batch_size: 2\n  max_seq_len: 160\n  lr: 3.0e-3\n  warmup_steps: 0\n"
+        "  eval_every: 3\n  save_every: 3\n  log_every: 1\n  threads: 2\n")
+    p = run_cli("run", str(job), env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    serve = tmp_path / "serve-vllm.yaml"
+    serve.write_text("kind: serve\nname: serve-vllm-image\nregistry: qa@champion\nmodel: {base: smollm2-135m}\n"
+                     "engine: vllm\nvllm: {dtype: float32, max_model_len: 1024, max_num_seqs: 8}\nthreads: 2\n"
+                     "server: {token: '${env:QA_TOKEN:-}'}\nanswer: {deadline_s: 120}\n")
+    name = f"qa-vllm-image-{os.getpid()}"
+    t0 = time.monotonic()
+    p = run_cli("promote", "train-vllm-image", "--to", name, "--checkpoint", "last", "--image", "--serve", str(serve),
+                env=env, timeout=1500)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"\npromote --image --serve (engine vllm) of a smollm2-135m run: {time.monotonic() - t0:.0f} s")
+    m = json.loads((tmp_path / "home" / "registry" / name / "v1" / "manifest.json").read_text())
+    assert m["image"]["engine"] == "vllm" and "cpu-vllm" in m["image"]["base"], m["image"]
+    assert f"engine vllm, FROM {m['image']['base']}" in p.stdout, p.stdout
+    probe = ("import json, time, urllib.error, urllib.request as u\n"
+             "t0 = time.time()\n"
+             "while True:\n"
+             "    try: health = json.load(u.urlopen('http://127.0.0.1:8000/healthz', timeout=5)); break\n"
+             "    except Exception:\n"
+             "        assert time.time() - t0 < 900, 'no /healthz in 900 s'\n"
+             "        time.sleep(1)\n"
+             "body = json.dumps({'question': 'What is the capital of France?', "
+             "'choices': ['Berlin', 'Paris', 'Madrid', 'Rome']}).encode()\n"
+             "def post(headers):\n"
+             "    r = u.Request('http://127.0.0.1:8000/v1/answer', data=body, headers={'Content-Type': "
+             "'application/json', **headers})\n"
+             "    try: return 200, json.load(u.urlopen(r, timeout=300))\n"
+             "    except urllib.error.HTTPError as e: return e.code, None\n"
+             "print(json.dumps({'health': health, 'anonymous': post({})[0], "
+             "'answer': post({'Authorization': 'Bearer t0ken-x'})}))\n")
+    c = engine.containers.run(f"{name}:v1", detach=True, network_disabled=True, environment={"QA_TOKEN": "t0ken-x"})
+    try:
+        rc, out = c.exec_run(["python3", "-c", probe])
+        assert rc == 0, out.decode()[-2000:] + c.logs().decode()[-4000:]
+        got = json.loads(out.decode().strip().splitlines()[-1])
+        assert "[vllm]" in got["health"]["model"], got
+        assert got["anonymous"] == 401, got
+        code, answer = got["answer"]
+        assert code == 200 and answer["answer"] in "ABCD", got
+        logs = c.logs().decode()
+        assert "vllm.entrypoints.openai.api_server" in logs, logs[-3000:]
+    finally:
+        c.remove(force=True)
+        try:
+            engine.images.remove(f"{name}:v1", force=True)
+        except Exception:
+            pass

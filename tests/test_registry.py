@@ -601,6 +601,67 @@ def test_the_baked_serve_job_is_a_valid_serve_job(tmp_path: Path) -> None:
     assert "serve.yaml" not in files and "HEALTHCHECK" not in files["Dockerfile"]
 
 
+def test_promote_image_takes_the_engine_and_settings_from_a_serve_job(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.serving_image import SERVING_ROOT, ServeTemplate, render_serving_files, serving_base
+    from runner.spec import load_job
+
+    monkeypatch.setenv("QA_TOKEN", "s3cret-token")
+    f = tmp_path / "serve-vllm.yaml"
+    f.write_text("kind: serve\nname: serve-vllm\nregistry: qa-agent@champion\nmodel: {base: smollm2-135m}\n"
+                 "engine: vllm\nvllm: {dtype: float32, max_model_len: 1024}\n"
+                 "server: {host: 127.0.0.1, port: 0, token: '${env:QA_TOKEN}', max_batch: 8}\n"
+                 "answer: {deadline_s: 4}\ntags: {team: a}\n")
+    template = ServeTemplate(load_job(f))
+    manifest = {"source": {"run": "qa/20990101-000000-0001", "spec_hash": "abc"}, "base_model": {"base": "tiny"},
+                "merged": None, "image_flavour": "cpu"}
+    assert serving_base(manifest, template) == "cpu-vllm"
+    assert serving_base({**manifest, "image_flavour": "rocm"}, template) == "rocm-vllm"
+    assert serving_base(manifest, None) == "cpu"
+    files = render_serving_files("qa-runner-cpu-vllm:x", "qa-agent", 3, manifest, template)
+    text = files["serve.yaml"]
+    # The version is what is served; the job's engine, flags, agents and server limits come along; the token
+    # stays a template (the image holds no secret), and the job's model, address and tags do not.
+    assert "s3cret-token" not in text and "${env:QA_TOKEN}" in text, text
+    assert "smollm2" not in text and "champion" not in text and "tags" not in text, text
+    assert "FROM qa-runner-cpu-vllm:x" in files["Dockerfile"] and "qa-runner.engine=vllm" in files["Dockerfile"]
+    baked = tmp_path / "baked.yaml"
+    baked.write_text(text)
+    job = load_job(baked).spec
+    assert (job.engine, job.vllm.dtype, job.vllm.max_model_len, job.answer.deadline_s) == ("vllm", "float32", 1024, 4)
+    assert (job.registry, job.model, job.server.host, job.server.port) == (SERVING_ROOT, None, "0.0.0.0", 8000)
+    assert (job.server.max_batch, job.server.token) == (8, "s3cret-token")  # filled from the container's env
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("engine: llamacpp\nllamacpp: {gguf: q8_0}\n", "engine llamacpp runs on the local backend only"),
+    ("server: {token: plain-text}\n", "server.token is written in the file"),
+    ("ensemble: [{model: {base: tiny}}]\n", "ensemble names models that are not in this version"),
+    ("engine: vllm\nvllm: {python: /usr/bin/python3}\n", "vllm.python names a Python on this machine"),
+])
+def test_promote_image_refuses_a_serve_job_an_image_could_not_serve(tmp_path: Path, body: str, needle: str) -> None:
+    from runner.serving_image import ServeTemplate
+    from runner.spec import load_job
+
+    f = tmp_path / "serve.yaml"
+    f.write_text("kind: serve\nname: serve-x\nregistry: qa-agent@champion\n" + body)
+    with pytest.raises(RegistryError, match=needle):
+        ServeTemplate(load_job(f))
+
+
+def test_promote_serve_is_checked_before_anything_is_read(tmp_path: Path, runner_home: Path) -> None:
+    (tmp_path / "train.yaml").write_text("kind: train\nname: t\nmodel: {base: tiny}\n"
+                                        "data: {train: [{path: x.jsonl, remote: true}]}\n")
+    (tmp_path / "serve.yaml").write_text("kind: serve\nname: s\nregistry: qa@champion\nengine: vllm\n")
+    p = run_cli("promote", "no-such-run", "--to", "qa", "--serve", str(tmp_path / "serve.yaml"))
+    assert p.returncode == 2 and "add --image to build one" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run_cli("promote", "no-such-run", "--to", "qa", "--image", "--serve", str(tmp_path / "train.yaml"))
+    assert p.returncode == 2 and "a `serve` job file is needed" in p.stderr, p.stderr
+    p = run_cli("promote", "no-such-run", "--to", "qa", "--image", "--serve", str(tmp_path / "nowhere.yaml"))
+    assert p.returncode != 0 and "nowhere.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (runner_home / "registry" / "qa").exists()
+
+
 def test_a_serving_image_refuses_an_offline_base_left_out_of_the_version(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from runner.serving_image import build_serving_image

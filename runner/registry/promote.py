@@ -31,7 +31,7 @@ from runner.registry.store import (
     validate_name,
 )
 from runner.runs import now_iso
-from runner.serving_image import build_serving_image, docker_client, tag_image
+from runner.serving_image import ServeTemplate, build_serving_image, docker_client, serving_base, tag_image
 from runner.spec.models import OFFLINE_BASE_MARKERS
 
 if TYPE_CHECKING:
@@ -103,9 +103,11 @@ class Promotion:
 
 def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = None, image: bool = False,
             merge: bool = False, force: bool = False, home: Path | None = None, gguf: str | None = None,
-            log: Callable[[str], None] | None = None) -> Promotion:
+            serve: Any | None = None, log: Callable[[str], None] | None = None) -> Promotion:
     """Copy a run's checkpoint into a new immutable version of `to`; optionally gate and move `alias`.
     `gguf` ("q8_0,q4_k_m") also stores GGUF files of the merged weights (implies `merge`).
+    `serve` (a loaded serve job, with `image`) is what the serving image runs: its engine picks the image's base
+    (vLLM's for engine vllm) and its settings are baked into the image's serve job.
     `log` receives progress text (waiting for the lock, image build output) as it happens."""
     from runner.runs import RunError, RunStore
 
@@ -119,6 +121,9 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
     gguf_types = parse_gguf_types(gguf) if gguf is not None else []
     converter = check_gguf_tools(gguf_types) if gguf_types else None  # before anything is written
     merge = merge or bool(gguf_types)
+    if serve is not None and not image:
+        raise RegistryError(f"--serve {serve.source} says what a serving image runs; add --image to build one")
+    template = ServeTemplate(serve) if serve is not None else None
     try:
         run = RunStore(home).get(ref)
     except RunError as e:
@@ -135,6 +140,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
             f"the run's base model {base} is a directory on this machine, which a serving image would not have; "
             "add --merge (the image then carries full merged weights)")
     if image:
+        serving_base({"image_flavour": job_data.get("image", "cpu")}, template)  # an engine with no image: refused
         docker_client()  # fail fast (exit 3) before copying or merging anything
     evals = collect_evals(run, ck, job_data)
     messages: list[str] = []
@@ -194,7 +200,7 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
             if image:
                 # The image carries this manifest (its file list verifies the baked copy); the image id is added
                 # to the registry's copy afterwards, since an image cannot contain its own id.
-                manifest["image"] = build_serving_image(tmp, manifest, name, version, log)
+                manifest["image"] = build_serving_image(tmp, manifest, name, version, log, template)
                 atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             (tmp / MANIFEST).chmod(0o444)
             fsync_dir(tmp)
