@@ -82,10 +82,12 @@ def _accelerate_config(job: Job, flavour: str) -> str | None:
     world = res.world_size()
     if world == 1:
         distributed = "NO"
-    elif res.strategy == "fsdp" or (res.strategy == "auto" and res.gpus > 0):
+    elif res.gpus > 0 and res.strategy in ("fsdp", "auto"):
         distributed = "FSDP"
     else:
-        distributed = "MULTI_GPU"  # also for CPU ranks: accelerate launches MULTI_CPU as a single process
+        # Also for CPU ranks: accelerate launches MULTI_CPU as a single process. With strategy fsdp on CPU the
+        # trainer shards the decoder layers itself (FSDP2), since accelerate's FSDP takes only GPU ranks.
+        distributed = "MULTI_GPU"
     mixed = "no" if res.gpus == 0 or spec.model.dtype in ("fp32",) else ("fp16" if spec.model.dtype == "fp16" else "bf16")
     return render_template(
         "accelerate.yaml.j2", name=job.name, nodes=res.nodes, gpus=res.gpus, flavour=flavour,

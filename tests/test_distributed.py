@@ -25,11 +25,11 @@ STEPS = 12
 TOL = 1e-5  # metrics keep 6 decimals; measured: equal to the last digit (max difference 1e-6)
 
 
-def _job(tmp: Path, name: str, processes: int, **train: Any) -> Path:
+def _job(tmp: Path, name: str, processes: int, strategy: str = "auto", **train: Any) -> Path:
     # The same global batch: 2 rows a step, as 1 rank x 2 or 2 ranks x 1.
     job = tiny_job(name, train={"steps": STEPS, "batch_size": 2 // processes, "save_every": 3, **train})
     if processes > 1:
-        job["resources"] = {"processes": processes}
+        job["resources"] = {"processes": processes, "strategy": strategy}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -45,11 +45,25 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("single")
     home = tmp / "home"
     run_cli("run", str(_job(tmp, "one", 1)), env={"RUNNER_HOME": str(home), "OMP_NUM_THREADS": "1"}, check=True)
-    return _losses(_run_dir(home, "one"))
+    return _run_dir(home, "one")
+
+
+@pytest.fixture(scope="module")
+def single(single_run: Path) -> dict[int, float]:
+    return _losses(single_run)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    home = tmp / "home"
+    p = run_cli("run", str(_job(tmp, "fsdp", 2, "fsdp")), env={"RUNNER_HOME": str(home), "OMP_NUM_THREADS": "1"},
+                check=True)
+    return _run_dir(home, "fsdp"), p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +124,11 @@ def _rank_pid(home: Path, local_rank: int, timeout: float = 60) -> int:
     raise AssertionError(f"no rank {local_rank} process appeared")
 
 
-def test_kill9_of_one_rank_fails_cleanly_and_run_resumes_exactly(tmp_path: Path, two: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill9_of_one_rank_fails_cleanly_and_run_resumes_exactly(tmp_path: Path, two: tuple[Path, str],
+                                                                 strategy: str) -> None:
     home = tmp_path / "home"
-    job = _job(tmp_path, "kill", 2)
+    job = _job(tmp_path, "kill", 2, strategy)
     env = dict(os.environ, RUNNER_HOME=str(home), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -161,3 +177,49 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path, two: tuple[Pa
     assert f"checkpoint step-{STEPS:08d} was written by 2 process(es), this run has 1" in out, out
     assert "resources.processes" in out and "--fresh" in out
     assert "Traceback" not in out
+
+
+# --- strategy fsdp on CPU ranks: the trainer's FSDP2 of the decoder layers ----------------------------------
+
+
+def test_fsdp_ranks_give_the_single_process_losses_from_sharded_state(single_run: Path,
+                                                                      fsdp: tuple[Path, str]) -> None:
+    import torch
+
+    run_dir, out = fsdp
+    want, got = _losses(single_run), _losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    diff = max(abs(got[s] - want[s]) for s in want)
+    assert diff <= TOL, (diff, got, want)
+    assert {r["step"]: r["accuracy"] for r in metrics(run_dir, "val")} == \
+        {r["step"]: r["accuracy"] for r in metrics(single_run, "val")}
+    assert "strategy fsdp: 1 decoder layers sharded over 2 CPU ranks (FSDP2 fully_shard)" in out, out
+    plan = yaml.safe_load((run_dir / "plan" / "accelerate.yaml").read_text())
+    assert plan["num_processes"] == 2 and plan["distributed_type"] == "MULTI_GPU"  # launched as ranks; sharded by us
+    # Each rank holds its half of every adapter's optimizer state (dim 0), the halves make the whole.
+    ck = f"checkpoints/step-{STEPS:08d}"
+    whole = torch.load(single_run / ck / "optimizer.pt", weights_only=True)["state"]
+    shards = [torch.load(run_dir / ck / f"optimizer.rank{r}.pt", weights_only=True)["state"] for r in (0, 1)]
+    assert len(whole) == len(shards[0]) == len(shards[1]) > 0
+    for i, st in whole.items():
+        parts = [sh[i]["exp_avg"] for sh in shards]
+        assert sum(p.shape[0] for p in parts) == st["exp_avg"].shape[0] and parts[0].shape[0] < st["exp_avg"].shape[0]
+        assert torch.allclose(torch.cat(parts), st["exp_avg"], atol=1e-6, rtol=1e-4), i
+
+
+def test_the_fsdp_adapter_loads_into_a_plain_peft_model_with_equal_logits(single_run: Path,
+                                                                          fsdp: tuple[Path, str]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ck = f"checkpoints/step-{STEPS:08d}"
+    base = json.loads((single_run / ck / "trainer_state.json").read_text())["base_model_path"]
+    x = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for run_dir in (single_run, fsdp[0]):
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run_dir / ck / "adapter"))
+        with torch.no_grad():
+            logits.append(m(input_ids=x).logits)
+    assert logits[0].abs().max() > 0
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0), (logits[0] - logits[1]).abs().max()

@@ -65,6 +65,13 @@ def test_a_check_across_fields_points_at_the_field_it_names(tmp_path: Path) -> N
     assert msg.startswith(f"{t}:3:1: error: teams: team names must be unique; repeated: a")
 
 
+def test_fsdp_on_cpu_ranks_loads_and_refuses_compile_with_it(tmp_path: Path) -> None:
+    text = GOOD + "resources:\n  processes: 2\n  strategy: fsdp\n"
+    assert load_job(write(tmp_path, "a.yaml", text)).spec.resources.strategy == "fsdp"  # type: ignore[attr-defined]
+    (msg,) = problems(write(tmp_path, "b.yaml", text.replace("  steps: 20", "  steps: 20\n  compile: true")))
+    assert "train.compile" in msg and "drop train.compile or use strategy ddp" in msg, msg
+
+
 def test_wrong_type(tmp_path: Path) -> None:
     (msg,) = problems(write(tmp_path, "a.yaml", GOOD.replace("steps: 20", "steps: lots")))
     assert msg.startswith(f"{tmp_path}/a.yaml:8:3: error: train.steps:") and "integer" in msg and "'lots'" in msg

@@ -126,8 +126,8 @@ class Resources(Section):
         1, ge=1, le=64, description="Ranks per node on CPU (gpus: 0), on gloo; with GPUs each GPU is one rank."
     )
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="How several ranks hold the model: ddp (a replica each) or fsdp (sharded); "
-        "auto = fsdp on GPUs, ddp on CPU."
+        "auto", description="How several ranks hold the model: ddp (a replica each) or fsdp (sharded: accelerate's "
+        "FSDP on GPUs; on CPU ranks the trainer's FSDP2 of the decoder layers); auto = fsdp on GPUs, ddp on CPU."
     )
     collective_timeout_s: int = Field(
         600, ge=10, le=86400,
@@ -163,9 +163,6 @@ class Resources(Section):
         if self.processes > 1 and self.gpus > 0:
             raise At("processes", f"resources.processes={self.processes} is for CPU ranks (gpus: 0); with GPUs each "
                                   "GPU is one rank: remove processes and set gpus to the ranks per node")
-        if self.strategy == "fsdp" and self.gpus == 0 and self.world_size() > 1:
-            raise At("strategy", "resources.strategy fsdp needs GPUs: accelerate shards only GPU ranks, so CPU "
-                                 "ranks would silently train as ddp; use strategy ddp (or auto) with gpus: 0")
         return self
 
     def world_size(self) -> int:
@@ -463,3 +460,11 @@ class TrainJob(JobBase):
     data: DataSpec = Field(description="Training and validation data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Extra logging outputs.")
+
+    @model_validator(mode="after")
+    def _sharded_on_cpu(self) -> TrainJob:
+        res = self.resources
+        if res.strategy == "fsdp" and res.gpus == 0 and res.world_size() > 1 and self.train.compile:
+            raise At("train.compile", "train.compile with resources.strategy fsdp on CPU ranks is not supported (the "
+                     "compiled layers would trace FSDP's gathers); drop train.compile or use strategy ddp")
+        return self

@@ -67,6 +67,7 @@ from runner.workloads.training.progress import (
     write_step0_predictions,
 )
 from runner.workloads.training.schedule import lr_lambda
+from runner.workloads.training.sharding import no_gradient_sync, shard_decoder_layers, total_grad_norm
 
 EXIT_CANCELLED = 130
 # A scheduler signals every process of a job step and the launcher forwards the signal to its ranks again: a second
@@ -170,9 +171,24 @@ class Trainer(Checkpointing):
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.log(f"model: {self.spec.model.base} ({self.n_params / 1e6:.1f}M params, "
                  f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable LoRA r={self.spec.lora.r})")
+        # strategy fsdp on CPU ranks: the trainer shards the decoder layers itself (FSDP2), before the optimizer
+        # is made, so the optimizer holds the shards (training/sharding.py).
+        self.sharded = res.strategy == "fsdp" and cpu_ranks
+        self.fsdp_layers: list[Any] = []
+        if self.sharded:
+            try:
+                self.fsdp_layers = shard_decoder_layers(model, self.acc.num_processes)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            self.log(f"strategy fsdp: {len(self.fsdp_layers)} decoder layers sharded over {self.acc.num_processes} "
+                     "CPU ranks (FSDP2 fully_shard); embeddings and head whole on every rank (frozen)")
+            trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-        self.model, self.opt = self.acc.prepare(model, opt)
+        if self.sharded:
+            self.model, self.opt = model, opt
+        else:
+            self.model, self.opt = self.acc.prepare(model, opt)
 
         # Token budget per optimizer step -> rows per step (packed) or samples per step (unpacked).
         world = self.acc.num_processes
@@ -294,10 +310,18 @@ class Trainer(Checkpointing):
         else:
             per = max(1, math.ceil(len(mine) / self.grad_accum))
             micro = [mine[i : i + per] for i in range(0, len(mine), per)]
+        weights = [1.0] * len(micro)
+        if self.sharded and micro:
+            # Every FSDP forward and backward is a collective (a layer's gather, its gradients' reduce-scatter):
+            # all ranks must run as many micro-batches. A rank with fewer repeats its last one at weight 0, which
+            # adds nothing to the gradient or the loss.
+            most = int(self.acc.reduce(torch.tensor([float(len(micro))]), reduction="max").item())
+            weights += [0.0] * (most - len(micro))
+            micro += [micro[-1]] * (most - len(micro))
         self.model.train()
         loss_sum = 0.0
         pad = self.tok.pad_token_id
-        for i, mb in enumerate(micro):
+        for i, (mb, weight) in enumerate(zip(micro, weights, strict=True)):
             if self.layout == "grouped":
                 batch = collate_grouped(mb, pad)
             elif self.layout in ("varlen", "packed"):
@@ -305,12 +329,18 @@ class Trainer(Checkpointing):
             else:
                 batch = collate_padded([e for row in mb for e in row], pad)
             batch = batch.to(self.device)
-            ctx = self.acc.no_sync(self.model) if i < len(micro) - 1 else _null()
+            last = i == len(micro) - 1
+            if self.sharded:
+                ctx = no_gradient_sync(self.fsdp_layers, skip=not last)
+            else:
+                ctx = self.acc.no_sync(self.model) if not last else _null()
             with ctx:
                 loss = answer_loss_sum(self.model, batch) / n_targets
+                if weight != 1.0:
+                    loss = loss * weight
                 self.acc.backward(loss * world)
             loss_sum += loss.item()
-        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
+        grad_norm = total_grad_norm(self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
         loss = loss_sum * world if world == 1 else self._mean_loss(loss_sum)
         applied = self.guard.check(step + 1, loss, grad_norm)  # raises NonFiniteError to stop the run
         if applied:

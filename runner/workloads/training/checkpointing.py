@@ -37,6 +37,12 @@ from runner.workloads.training.integrity import (
     set_aside,
     write_manifest,
 )
+from runner.workloads.training.sharding import (
+    full_adapter_state,
+    load_full_adapter,
+    local_optimizer_state,
+    reshard_optimizer_state,
+)
 
 
 class Checkpointing:
@@ -55,6 +61,7 @@ class Checkpointing:
     ckpt_dir: Path
     device: Any
     main: bool
+    sharded: bool
     base_path: Any
     best_step: int | None
     best_acc: float | None
@@ -70,10 +77,11 @@ class Checkpointing:
             self.best_acc, self.best_step = val_acc, step
         model = self.acc.unwrap_model(self.model)
         adapter_state = None
-        if self.acc.num_processes > 1:
+        if self.acc.num_processes > 1:  # every rank takes part in gathering the adapter; rank 0 writes it
             from peft import get_peft_model_state_dict
 
-            adapter_state = get_peft_model_state_dict(model, state_dict=self.acc.get_state_dict(self.model))
+            full = full_adapter_state(model) if self.sharded else self.acc.get_state_dict(self.model)
+            adapter_state = get_peft_model_state_dict(model, state_dict=full)
         name = f"step-{step:08d}"
         tmp = self.ckpt_dir / f".tmp-{name}"  # the same name on every rank: they all write into it
         if self.main:
@@ -83,7 +91,8 @@ class Checkpointing:
         self.acc.wait_for_everyone()
         # Every rank saves its own optimizer state (sharded under FSDP) and random streams.
         suffix = self._rank_suffix()
-        torch.save(self.opt.state_dict(), tmp / f"optimizer{suffix}.pt")
+        torch.save(local_optimizer_state(self.opt) if self.sharded else self.opt.state_dict(),
+                   tmp / f"optimizer{suffix}.pt")
         torch.save(rng_state(), tmp / f"rng{suffix}.pt")
         self.acc.wait_for_everyone()
         if not self.main:
@@ -172,8 +181,13 @@ class Checkpointing:
 
         try:
             self.composer.load_state_dict(ck.state["composer"])
-            set_peft_model_state_dict(self.acc.unwrap_model(self.model), ck.adapter)
-            self.opt.load_state_dict(ck.optimizer)
+            if self.sharded:  # this rank's part of each full adapter tensor, and its own optimizer shard
+                load_full_adapter(self.model, ck.adapter)
+                self.opt.load_state_dict(ck.optimizer)
+                reshard_optimizer_state(self.opt)
+            else:
+                set_peft_model_state_dict(self.acc.unwrap_model(self.model), ck.adapter)
+                self.opt.load_state_dict(ck.optimizer)
             self.sched.load_state_dict(ck.scheduler)
             set_rng_state(ck.rng)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
