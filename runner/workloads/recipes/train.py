@@ -50,11 +50,11 @@ from runner.workloads.training.packing import (
     collate_packed,
     collate_padded,
     encode_mcq,
-    group_by_length,
+    micro_batches,
     per_token_losses,
     resolve_layout,
 )
-from runner.workloads.training.placement import placement
+from runner.workloads.training.placement import collective_failure, placement
 from runner.workloads.training.progress import (
     Metrics,
     ProgressView,
@@ -67,7 +67,12 @@ from runner.workloads.training.progress import (
     write_step0_predictions,
 )
 from runner.workloads.training.schedule import lr_lambda
-from runner.workloads.training.sharding import no_gradient_sync, shard_decoder_layers, total_grad_norm
+from runner.workloads.training.sharding import (
+    even_micro_batches,
+    no_gradient_sync,
+    shard_decoder_layers,
+    total_grad_norm,
+)
 
 EXIT_CANCELLED = 130
 # A scheduler signals every process of a job step and the launcher forwards the signal to its ranks again: a second
@@ -175,20 +180,12 @@ class Trainer(Checkpointing):
         # is made, so the optimizer holds the shards (training/sharding.py).
         self.sharded = res.strategy == "fsdp" and cpu_ranks
         self.fsdp_layers: list[Any] = []
-        if self.sharded:
-            try:
-                self.fsdp_layers = shard_decoder_layers(model, self.acc.num_processes)
-            except ValueError as e:
-                raise DataError(str(e)) from None
-            self.log(f"strategy fsdp: {len(self.fsdp_layers)} decoder layers sharded over {self.acc.num_processes} "
-                     "CPU ranks (FSDP2 fully_shard); embeddings and head whole on every rank (frozen)")
+        if self.sharded:  # a model it cannot shard is a ValueError: one error line, exit 1
+            self.fsdp_layers = shard_decoder_layers(model, self.acc.num_processes, self.log)
             trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-        if self.sharded:
-            self.model, self.opt = model, opt
-        else:
-            self.model, self.opt = self.acc.prepare(model, opt)
+        self.model, self.opt = (model, opt) if self.sharded else self.acc.prepare(model, opt)
 
         # Token budget per optimizer step -> rows per step (packed) or samples per step (unpacked).
         world = self.acc.num_processes
@@ -303,21 +300,8 @@ class Trainer(Checkpointing):
         rows = self.examples_of(picks)
         world, rank = self.acc.num_processes, self.acc.process_index
         n_targets = sum(len(e) - e.label_start for row in rows for e in row)
-        mine = rows[rank::world]
-        micro: list[list[Any]]  # micro-batches: of rows, or (grouped) of samples
-        if self.layout == "grouped":  # the same samples, regrouped by length: micro-batches of similar lengths
-            micro = group_by_length([e for row in mine for e in row], self.row_budget)
-        else:
-            per = max(1, math.ceil(len(mine) / self.grad_accum))
-            micro = [mine[i : i + per] for i in range(0, len(mine), per)]
-        weights = [1.0] * len(micro)
-        if self.sharded and micro:
-            # Every FSDP forward and backward is a collective (a layer's gather, its gradients' reduce-scatter):
-            # all ranks must run as many micro-batches. A rank with fewer repeats its last one at weight 0, which
-            # adds nothing to the gradient or the loss.
-            most = int(self.acc.reduce(torch.tensor([float(len(micro))]), reduction="max").item())
-            weights += [0.0] * (most - len(micro))
-            micro += [micro[-1]] * (most - len(micro))
+        micro = micro_batches(rows[rank::world], self.layout, self.row_budget, self.grad_accum)
+        weights = even_micro_batches(micro, self.acc) if self.sharded else [1.0] * len(micro)
         self.model.train()
         loss_sum = 0.0
         pad = self.tok.pad_token_id
@@ -330,10 +314,8 @@ class Trainer(Checkpointing):
                 batch = collate_padded([e for row in mb for e in row], pad)
             batch = batch.to(self.device)
             last = i == len(micro) - 1
-            if self.sharded:
-                ctx = no_gradient_sync(self.fsdp_layers, skip=not last)
-            else:
-                ctx = self.acc.no_sync(self.model) if not last else _null()
+            ctx = (no_gradient_sync(self.fsdp_layers, skip=not last) if self.sharded
+                   else self.acc.no_sync(self.model) if not last else _null())
             with ctx:
                 loss = answer_loss_sum(self.model, batch) / n_targets
                 if weight != 1.0:
@@ -499,21 +481,14 @@ def run(job: Any, run_dir: Path) -> int:
         if trainer.stop_signal is not None:
             return EXIT_CANCELLED
         return trainer.run()
-    except (DataError, CheckpointError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except (DataError, CheckpointError, NonFiniteError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         acc = getattr(trainer, "acc", None)
         if acc is None or acc.num_processes == 1:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        print(f"error: rank {acc.process_index} of {acc.num_processes}: a collective failed ({first}). Most often "
-              f"another rank died or stopped answering (collectives time out after "
-              f"{trainer.spec.resources.collective_timeout_s}s); run the same job again to resume from the last "
-              "complete checkpoint", file=sys.stderr)
+        print(collective_failure(acc, e, trainer.spec.resources.collective_timeout_s), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

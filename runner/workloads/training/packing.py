@@ -10,6 +10,7 @@ instead: no O(T^2) mask, and the flash kernel instead of the masked ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,15 @@ def collate_grouped(examples: Sequence[Example], pad_id: int) -> Batch:
     T = b.input_ids.shape[1]
     pos = torch.arange(T).repeat(len(examples), 1)
     return Batch(b.input_ids, pos, None, b.loss_mask, b.targets, b.n_tokens, b.n_samples)
+
+
+def micro_batches(mine: list[list[Example]], layout: str, row_budget: int, grad_accum: int) -> list[Any]:
+    """A rank's rows of a step cut into micro-batches: of samples regrouped by length (layout grouped: the same
+    samples, micro-batches of similar lengths), or of rows, `grad_accum` of them."""
+    if layout == "grouped":
+        return group_by_length([e for row in mine for e in row], row_budget)
+    per = max(1, math.ceil(len(mine) / grad_accum))
+    return [mine[i : i + per] for i in range(0, len(mine), per)]
 
 
 def group_by_length(examples: Sequence[Example], token_budget: int) -> list[list[Example]]:

@@ -20,3 +20,11 @@ def placement(acc: Any) -> str:
     where = ", ".join(f"{h} x{n}" for h, n in per_host.items())
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     return f"ranks: {len(hosts)} on {len(per_host)} node(s) ({where}), backend {backend}"
+
+
+def collective_failure(acc: Any, e: BaseException, timeout_s: int) -> str:
+    """The one error line of a rank whose collective failed (most often: another rank died)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return (f"error: rank {acc.process_index} of {acc.num_processes}: a collective failed ({first}). Most often "
+            f"another rank died or stopped answering (collectives time out after {timeout_s}s); run the same job "
+            "again to resume from the last complete checkpoint")

@@ -13,14 +13,14 @@ which a resume with the same world size wraps back into its shards."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 
-def shard_decoder_layers(model: Any, world: int) -> list[Any]:
+def shard_decoder_layers(model: Any, world: int, log: Callable[[str], None]) -> list[Any]:
     """fully_shard each decoder layer of `model` over a CPU mesh of `world` ranks; returns the layers.
     Raises ValueError when the model has no decoder layers or trains a parameter outside them."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -41,7 +41,21 @@ def shard_decoder_layers(model: Any, world: int) -> list[Any]:
         raise ValueError(f"resources.strategy fsdp on CPU ranks shards the decoder layers, but {outside[0]} (and "
                          f"{len(outside) - 1} more) is trained outside them; keep lora.target_modules inside the "
                          "decoder layers or use strategy ddp")
+    log(f"strategy fsdp: {len(layers)} decoder layers sharded over {world} CPU ranks (FSDP2 fully_shard); "
+        "embeddings and head whole on every rank (frozen)")
     return list(layers)
+
+
+def even_micro_batches(micro: list[Any], acc: Any) -> list[float]:
+    """The weight of each micro-batch, after making every rank's count the same: each FSDP forward and backward
+    is a collective (a layer's gather, its gradients' reduce-scatter), so a rank with fewer micro-batches repeats
+    its last one at weight 0, which adds nothing to the gradient or the loss."""
+    weights = [1.0] * len(micro)
+    most = int(acc.reduce(torch.tensor([float(len(micro))]), reduction="max").item())
+    if micro:
+        weights += [0.0] * (most - len(micro))
+        micro += [micro[-1]] * (most - len(micro))
+    return weights
 
 
 def is_sharded(t: Any) -> bool:
