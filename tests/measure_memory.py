@@ -4,7 +4,7 @@
 
 Each setting is a real train job run through the workload entry (`python -m runner.workloads`, as `runner run`
 starts it), by default on the real `smollm2-135m` base: a few optimizer steps, then the peak RSS of that one
-process (`ru_maxrss` from `wait4`) against `runner.preflight`'s estimate for the same job. While it runs,
+process (its VmHWM, polled from /proc until it exits) against `runner.preflight`'s estimate for the same job. While it runs,
 /proc/PID/status is polled, so that the peak can be placed in a phase of the run (loading, validation, a step).
 The measured numbers and where the model's constants come from: docs/containers.md, "Checked against this trainer".
 """
@@ -54,17 +54,20 @@ def trainer_job(name: str, batch_size: int, max_seq_len: int, layout: str = "gro
 
 @dataclass
 class Measured:
-    peak_bytes: float  # ru_maxrss of the trainer process
+    peak_bytes: float  # the trainer process's own high-water mark (VmHWM)
     rc: int
     seconds: float
     log: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, line)
     rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, VmRSS bytes)
 
     def phase_of_peak(self) -> str:
-        """The last log line printed before the polled RSS was highest."""
+        """The last log line printed before the polled RSS first came within 1% of its highest. The allocator
+        keeps what it has, so the RSS stays near the peak to the end, and the highest sample alone can fall at
+        any later line."""
         if not self.rss:
             return "?"
-        t_peak = max(self.rss, key=lambda x: x[1])[0]
+        top = max(r for _, r in self.rss)
+        t_peak = next(t for t, r in self.rss if r >= 0.99 * top)
         before = [ln for t, ln in self.log if t <= t_peak]
         return before[-1] if before else "(before the first line)"
 
@@ -72,19 +75,19 @@ class Measured:
         return "\n".join(ln for _, ln in self.log)
 
 
-def _vm_rss(pid: int) -> float | None:
+def _vm(pid: int) -> tuple[float, float] | None:
+    """(VmRSS, VmHWM) of `pid` in bytes: its resident memory now and at its highest since its exec."""
     try:
-        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if ln.startswith("VmRSS:"):
-                return float(ln.split()[1]) * 1024
-    except OSError:
+        found = {ln.split(":")[0]: float(ln.split()[1]) * 1024
+                 for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith(("VmRSS:", "VmHWM:"))}
+    except (OSError, ValueError, IndexError):
         return None
-    return None
+    return (found["VmRSS"], found["VmHWM"]) if len(found) == 2 else None
 
 
 def run_trainer(job: dict[str, Any], run_dir: Path, cache: Path = CACHE, timeout: float = 600,
                 entry: tuple[str, ...] = ("-m", "runner.workloads")) -> Measured:
-    """Run the train job in its own process and measure it (peak RSS from wait4: that process alone)."""
+    """Run the train job in its own process and measure it (its peak RSS: that process alone, since its exec)."""
     write_run_dir(run_dir, job)
     t0 = time.monotonic()
     p = subprocess.Popen([sys.executable, *entry], cwd=REPO, env=train_env(run_dir, cache),
@@ -100,11 +103,15 @@ def run_trainer(job: dict[str, Any], run_dir: Path, cache: Path = CACHE, timeout
     reader.start()
     done = threading.Event()
 
+    hwm = [0.0]
+
     def poll() -> None:
         while not done.is_set():
-            rss = _vm_rss(p.pid)
-            if rss is not None:
-                m.rss.append((time.monotonic() - t0, rss))
+            # Only once the trainer has printed: until its exec, a vfork child reads as its parent's memory.
+            got = _vm(p.pid) if m.log else None
+            if got is not None:
+                m.rss.append((time.monotonic() - t0, got[0]))
+                hwm[0] = max(hwm[0], got[1])
             time.sleep(0.02)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -119,7 +126,11 @@ def run_trainer(job: dict[str, Any], run_dir: Path, cache: Path = CACHE, timeout
     p.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
     poller.join(timeout=1)
-    m.peak_bytes = float(usage.ru_maxrss) * 1024  # KiB on Linux
+    # The peak is the process's own high-water mark (VmHWM, polled until it exits), not wait4's ru_maxrss: a
+    # child started by fork/vfork and exec keeps in ru_maxrss the parent's resident size at the exec (Linux
+    # carries the old mm's high-water mark over), so from a large parent, such as a long pytest session, it read
+    # the parent's 2.7 GiB whatever the trainer used. ru_maxrss is the fallback when /proc could not be read.
+    m.peak_bytes = hwm[0] or float(usage.ru_maxrss) * 1024
     m.rc = p.returncode
     m.seconds = time.monotonic() - t0
     return m
