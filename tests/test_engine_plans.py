@@ -87,3 +87,18 @@ def test_an_engine_that_fails_a_pass_gets_the_fallback_answer_not_an_error() -> 
     out = agent.answer_many([AnswerItem("2 + 2 = ?", ["3", "4", "five", "22"])])
     assert out[0]["answer"] == "C" and "the engine failed to score" in out[0]["reasoning"], out
     assert agent.engine_errors == 1
+
+
+def test_a_vllm_server_that_dies_in_a_small_dev_shm_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from runner.workloads.serving.engines import vllm
+
+    class Small:
+        f_frsize, f_blocks = 4096, 64 * 256  # Docker's default 64 MiB
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Small())
+    assert vllm._shm_hint() == (" (/dev/shm is 64 MiB and vLLM's engine uses shared memory: in a container, run it "
+                                "with --shm-size 2g)")
+    Small.f_blocks = 2 * 2**30 // 4096
+    assert vllm._shm_hint() == ""

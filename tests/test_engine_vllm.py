@@ -240,10 +240,14 @@ def test_promote_image_with_a_vllm_serve_job_serves_the_version_through_vllm(smo
              "    except urllib.error.HTTPError as e: return e.code, None\n"
              "print(json.dumps({'health': health, 'anonymous': post({})[0], "
              "'answer': post({'Authorization': 'Bearer t0ken-x'})}))\n")
-    c = engine.containers.run(f"{name}:v1", detach=True, network_disabled=True, environment={"QA_TOKEN": "t0ken-x"})
+    # vLLM's engine core talks to the server through shared memory: more than Docker's default 64 MB /dev/shm.
+    c = engine.containers.run(f"{name}:v1", detach=True, network_disabled=True, shm_size="2g",
+                              environment={"QA_TOKEN": "t0ken-x"})
     try:
         rc, out = c.exec_run(["python3", "-c", probe])
-        assert rc == 0, out.decode()[-2000:] + c.logs().decode()[-4000:]
+        if rc != 0:
+            _, vlog = c.exec_run(["sh", "-c", "grep -iE 'error|exception' /workspace/run/vllm-*.log | head -40"])
+            raise AssertionError(out.decode()[-2000:] + c.logs().decode()[-3000:] + vlog.decode())
         got = json.loads(out.decode().strip().splitlines()[-1])
         assert "[vllm]" in got["health"]["model"], got
         assert got["anonymous"] == 401, got

@@ -52,6 +52,23 @@ def _lora_r(adapter_dir: str | None) -> int | None:
         return None
 
 
+SHM_NEEDED = 1 << 30  # measured: the CPU server fails to start in Docker's default 64 MiB /dev/shm, starts in 2 GiB
+
+
+def _shm_hint(path: str = "/dev/shm") -> str:
+    """Why a server may not have started: a /dev/shm too small for vLLM's shared-memory queues (a container run
+    without --shm-size); empty when it is large enough or absent."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    size = st.f_frsize * st.f_blocks
+    if size >= SHM_NEEDED:
+        return ""
+    return (f" (/dev/shm is {size / 2**20:.0f} MiB and vLLM's engine uses shared memory: in a container, run it "
+            "with --shm-size 2g)")
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -115,8 +132,8 @@ class VllmModel(EngineModel):
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise EngineError(f"engine vllm: the server exited with code {code} before it was ready; the end "
-                                  f"of its log ({self.log_path}):\n{_tail(self.log_path)}")
+                raise EngineError(f"engine vllm: the server exited with code {code} before it was ready{_shm_hint()}; "
+                                  f"the end of its log ({self.log_path}):\n{_tail(self.log_path)}")
             try:
                 if self.client.get("/health", timeout=2.0).status_code == 200:
                     models = self.client.get("/v1/models", timeout=5.0).json()
