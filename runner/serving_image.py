@@ -15,6 +15,7 @@ from ruamel.yaml import YAML
 from runner import images
 from runner.registry.store import EXIT_ENV, EXIT_REFUSED, RegistryError
 from runner.spec import job_from_stored
+from runner.spec.loader import put_templates
 from runner.spec.models import NAME_RE as JOB_NAME_RE
 from runner.spec.models import OFFLINE_BASE_MARKERS
 from runner.spec.serve import ServeJob
@@ -75,6 +76,9 @@ class ServeTemplate:
         self.data = {k: v for k, v in _pick(job.stored_data(), given).items() if k not in NOT_BAKED}
         server = {k: v for k, v in (self.data.get("server") or {}).items() if k not in ("host", "port")}
         self.data["server"] = server
+        # Its `${env:...}` values (a token), by dotted path: the baked job keeps them as templates.
+        self.templates = {k: v for k, v in job.templates.items()
+                          if k.split(".")[0] not in NOT_BAKED and k not in ("server.host", "server.port")}
         self.engine = str(spec.engine)
         # The image flavour: the serve job's own `image` when it sets one, else the promoted job's.
         self.flavour = str(spec.image) if "image" in given else None
@@ -108,14 +112,7 @@ def serve_job_data(name: str, version: int, template: ServeTemplate | None = Non
 def serve_job_yaml(job: ServeJob, templates: dict[str, str] | None = None) -> str:
     """The job file for `job`: the settings it was given (defaults left out), `kind` and `name` first;
     `${env:...}` values (a token) written as their templates, so the image holds no secret."""
-    given = job.model_dump(mode="json", exclude_unset=True)
-    for dotted, text in (templates or {}).items():
-        node: Any = given
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and last in node:
-            node[last] = text
+    given = put_templates(job.model_dump(mode="json", exclude_unset=True), templates or {})
     data = {"kind": given.pop("kind"), "name": given.pop("name"), **given}
     buf = io.StringIO()
     YAML().dump(data, buf)
@@ -135,16 +132,8 @@ def render_serving_files(base_tag: str, name: str, version: int, manifest: dict[
     files = {"Dockerfile": render_template("serving.Dockerfile.j2", **values),
              "serve-entrypoint.sh": render_template("serving-entrypoint.sh.j2", **values)}
     if serve:
-        files["serve.yaml"] = serve_job_yaml(serve, template_secrets(template))
+        files["serve.yaml"] = serve_job_yaml(serve, template.templates if template else None)
     return files
-
-
-def template_secrets(template: ServeTemplate | None) -> dict[str, str]:
-    """The `${env:...}` templates of a serve template's values, by dotted path (the token)."""
-    if template is None:
-        return {}
-    token = (template.data.get("server") or {}).get("token")
-    return {"server.token": token} if isinstance(token, str) and "${env:" in token else {}
 
 
 def serving_base(manifest: dict[str, Any], template: ServeTemplate | None) -> str:
@@ -176,7 +165,6 @@ def build_serving_image(vdir: Path, manifest: dict[str, Any], name: str, version
             "machine's cache), so a container could not load the adapter; promote the run again (promotion bundles "
             "an offline base) or add --merge", EXIT_REFUSED)
     flavour = serving_base(manifest, template)
-    files = render_serving_files("", name, version, manifest, template)  # refuses a bad template before Docker
     client = docker_client()
     say = log or (lambda _text: None)
     try:

@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from tests.conftest import MMLU, ROOT
-from tests.test_real_model_jobs import TEST_CACHE, _short_questions, mmlu_val, smollm2  # noqa: F401 - fixtures
+from tests.test_real_model_jobs import (  # noqa: F401 - fixtures
+    TEST_CACHE,
+    _short_questions,
+    mmlu_val,
+    smollm2,
+    train_short_smollm2,
+)
 from tests.train_helpers import run_train, tiny_job, write_run_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model, pytest.mark.slow]
@@ -202,15 +208,7 @@ def test_promote_image_with_a_vllm_serve_job_serves_the_version_through_vllm(smo
 
     engine = client(timeout=600)
     images.ensure_image(images.render_image("cpu-vllm"), engine, log=lambda line: None)
-    env = {"RUNNER_HOME": str(tmp_path / "home"), "RUNNER_CACHE": str(TEST_CACHE)}
-    job = tmp_path / "train-vllm-image.yaml"
-    job.write_text(
-        "kind: train\nname: train-vllm-image\nmodel:\n  base: smollm2-135m\nlora:\n  r: 8\n  alpha: 16\n"
-        f"data:\n  train:\n    - {{path: {MMLU / 'dev'}, format: mmlu_csv}}\n  val_fraction: 0.1\n  val_limit: 6\n"
-        "train:\n  steps: 3\n  batch_size: 2\n  max_seq_len: 160\n  lr: 3.0e-3\n  warmup_steps: 0\n"
-        "  eval_every: 3\n  save_every: 3\n  log_every: 1\n  threads: 2\n")
-    p = run_cli("run", str(job), env=env, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    env = train_short_smollm2(tmp_path, "train-vllm-image")
     serve = tmp_path / "serve-vllm.yaml"
     serve.write_text("kind: serve\nname: serve-vllm-image\nregistry: qa@champion\nmodel: {base: smollm2-135m}\n"
                      "engine: vllm\nvllm: {dtype: float32, max_model_len: 1024, max_num_seqs: 8}\nthreads: 2\n"

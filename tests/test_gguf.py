@@ -18,8 +18,13 @@ import pytest
 import torch
 
 from runner.registry.store import RegistryError
-from tests.conftest import MMLU, run_cli
-from tests.test_real_model_jobs import TEST_CACHE, _short_questions, mmlu_val, smollm2  # noqa: F401 - fixtures
+from tests.conftest import run_cli
+from tests.test_real_model_jobs import (  # noqa: F401 - fixtures
+    _short_questions,
+    mmlu_val,
+    smollm2,
+    train_short_smollm2,
+)
 
 pytestmark = [pytest.mark.gguf]
 NAME = "qa-gguf"
@@ -89,16 +94,7 @@ def test_the_engine_refuses_what_is_not_a_gguf(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def promoted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
     root = tmp_path_factory.mktemp("gguf")
-    env = {"RUNNER_HOME": str(root / "home"), "RUNNER_CACHE": str(TEST_CACHE)}
-    job = root / "train-gguf.yaml"
-    job.write_text(
-        "kind: train\nname: train-gguf\nmodel:\n  base: smollm2-135m\nlora:\n  r: 8\n  alpha: 16\n"
-        f"data:\n  train:\n    - {{path: {MMLU / 'dev'}, format: mmlu_csv}}\n  val_fraction: 0.1\n  val_limit: 6\n"
-        "train:\n  steps: 3\n  batch_size: 2\n  max_seq_len: 160\n  lr: 3.0e-3\n  warmup_steps: 0\n"
-        "  eval_every: 3\n  save_every: 3\n  log_every: 1\n  threads: 2\n"
-    )
-    p = run_cli("run", str(job), env=env, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    env = train_short_smollm2(root, "train-gguf")
     t0 = time.monotonic()
     p = run_cli("promote", "train-gguf", "--to", NAME, "--checkpoint", "last", "--gguf", "q8_0,q4_k_m", env=env,
                 timeout=900)

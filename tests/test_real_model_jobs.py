@@ -58,6 +58,22 @@ def mmlu_val() -> dict[str, Any]:
     return {r.id: r for r in recs}
 
 
+def train_short_smollm2(root: Path, name: str) -> dict[str, str]:
+    """A 3-step LoRA (r 8) run of smollm2-135m on MMLU dev through `runner run`, with validation and a checkpoint
+    at its last step, in a RUNNER_HOME of its own under `root`; returns that environment."""
+    env = {"RUNNER_HOME": str(root / "home"), "RUNNER_CACHE": str(TEST_CACHE)}
+    job = root / f"{name}.yaml"
+    job.write_text(
+        f"kind: train\nname: {name}\nmodel:\n  base: smollm2-135m\nlora:\n  r: 8\n  alpha: 16\n"
+        f"data:\n  train:\n    - {{path: {MMLU / 'dev'}, format: mmlu_csv}}\n  val_fraction: 0.1\n  val_limit: 6\n"
+        "train:\n  steps: 3\n  batch_size: 2\n  max_seq_len: 160\n  lr: 3.0e-3\n  warmup_steps: 0\n"
+        "  eval_every: 3\n  save_every: 3\n  log_every: 1\n  threads: 2\n"
+    )
+    p = run_cli("run", str(job), env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return env
+
+
 def _short_questions(records: dict[str, Any], n: int) -> list[Any]:
     """The `n` shortest 4-choice questions (fast to score), in a fixed order."""
     four = [r for r in records.values() if len(r.choices) == 4]

@@ -31,7 +31,14 @@ from runner.registry.store import (
     validate_name,
 )
 from runner.runs import now_iso
-from runner.serving_image import ServeTemplate, build_serving_image, docker_client, serving_base, tag_image
+from runner.serving_image import (
+    ServeTemplate,
+    build_serving_image,
+    docker_client,
+    serve_job_data,
+    serving_base,
+    tag_image,
+)
 from runner.spec.models import OFFLINE_BASE_MARKERS
 
 if TYPE_CHECKING:
@@ -179,6 +186,8 @@ def promote(ref: str, to: str, *, checkpoint: str = "best", alias: str | None = 
                 g["decision"] = "accepted" if g["passed"] else "forced"
                 gate_rec = g
         version = max(reg.versions(name), default=0) + 1
+        if image and template is not None:
+            serve_job_data(name, version, template)  # the image's serve job must fit this name: before any write
         warnings = _chance_warnings(evals, f"{name}:v{version}", alias, gate_rec)
         ndir = reg.name_dir(name)
         for stale in ndir.glob(".tmp-v*"):  # left by a promotion that died; we hold the lock, so it is not live

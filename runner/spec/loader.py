@@ -70,24 +70,29 @@ class Job:
 
     def stored_data(self) -> dict[str, Any]:
         """The resolved spec as it is stored in a run: `${env:...}` values kept as their templates."""
-        data = self.data()
-        for dotted, template in self.templates.items():
-            node: Any = data
-            *parents, last = dotted.split(".")
-            try:
-                for key in parents:
-                    node = node[int(key)] if isinstance(node, list) else node[key]
-                if isinstance(node, list):
-                    node[int(last)] = template
-                elif last in node:
-                    node[last] = template
-            except (KeyError, IndexError, ValueError, TypeError):
-                continue
-        return data
+        return put_templates(self.data(), self.templates)
 
     @property
     def spec_hash(self) -> str:
         return spec_hash(self.stored_data())
+
+
+def put_templates(data: dict[str, Any], templates: dict[str, str]) -> dict[str, Any]:
+    """`data` with the value at each dotted path of `templates` (a Job's `${env:...}` values) replaced by its
+    template as written; paths `data` does not have are passed over. Changes `data` in place and returns it."""
+    for dotted, template in templates.items():
+        node: Any = data
+        *parents, last = dotted.split(".")
+        try:
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            if isinstance(node, list):
+                node[int(last)] = template
+            elif last in node:
+                node[last] = template
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue
+    return data
 
 
 # --- YAML with marks -----------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ class Trainer(Checkpointing):
         world, rank = self.acc.num_processes, self.acc.process_index
         n_targets = sum(len(e) - e.label_start for row in rows for e in row)
         micro = micro_batches(rows[rank::world], self.layout, self.row_budget, self.grad_accum)
-        weights = even_micro_batches(micro, self.acc) if self.sharded else [1.0] * len(micro)
+        micro, weights = even_micro_batches(micro, self.acc) if self.sharded else (micro, [1.0] * len(micro))
         self.model.train()
         loss_sum = 0.0
         pad = self.tok.pad_token_id

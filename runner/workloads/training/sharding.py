@@ -46,16 +46,13 @@ def shard_decoder_layers(model: Any, world: int, log: Callable[[str], None]) -> 
     return list(layers)
 
 
-def even_micro_batches(micro: list[Any], acc: Any) -> list[float]:
-    """The weight of each micro-batch, after making every rank's count the same: each FSDP forward and backward
+def even_micro_batches(micro: list[Any], acc: Any) -> tuple[list[Any], list[float]]:
+    """The micro-batches and their weights, with every rank's count made the same: each FSDP forward and backward
     is a collective (a layer's gather, its gradients' reduce-scatter), so a rank with fewer micro-batches repeats
     its last one at weight 0, which adds nothing to the gradient or the loss."""
-    weights = [1.0] * len(micro)
     most = int(acc.reduce(torch.tensor([float(len(micro))]), reduction="max").item())
-    if micro:
-        weights += [0.0] * (most - len(micro))
-        micro += [micro[-1]] * (most - len(micro))
-    return weights
+    extra = most - len(micro) if micro else 0
+    return micro + [micro[-1]] * extra, [1.0] * len(micro) + [0.0] * extra
 
 
 def is_sharded(t: Any) -> bool:
